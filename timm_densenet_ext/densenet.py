@@ -1,0 +1,452 @@
+"""DenseNet: dense layers, blocks, transitions, stems and the classifier network.
+
+Papers:
+    * `Densely Connected Convolutional Networks` - https://arxiv.org/abs/1608.06993
+    * `Memory-Efficient Implementation of DenseNets` - https://arxiv.org/abs/1707.06990
+    * `Making Convolutional Networks Shift-Invariant Again` - https://arxiv.org/abs/1904.11486
+
+Module and parameter names follow torchvision's and timm's DenseNet, so their checkpoints load unchanged.
+No variant is named here: `variants.py` states them.
+"""
+import contextlib
+from collections import OrderedDict
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Type, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from timm.layers import BlurPool2d, create_classifier, get_norm_act_layer
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import MATCH_PREV_GROUP
+
+__all__ = ['DenseLayer', 'DenseBlock', 'DenseTransition', 'DenseNet', 'STEM_TYPES']
+
+STEM_TYPES = ('', 'deep', 'deep_tiered', 'deep_tiered_narrow', 'cifar')
+
+
+def check_input(x: torch.Tensor, in_chans: int, min_size: int) -> torch.Tensor:
+    """Return `x` unchanged, or raise ValueError saying what input the network expects."""
+    if x.dim() != 4:
+        raise ValueError(
+            f'DenseNet expects a batch of images shaped (N, {in_chans}, H, W), got a tensor of shape '
+            f'{list(x.shape)}; add the batch dimension with x.unsqueeze(0) for a single image.')
+    if x.shape[1] != in_chans:
+        raise ValueError(
+            f'DenseNet expects images with {in_chans} channels, shaped (N, {in_chans}, H, W), got shape '
+            f'{list(x.shape)}; convert the images to {in_chans} channels, or create the model with '
+            f'in_chans={x.shape[1]}.')
+    if x.shape[2] < min_size or x.shape[3] < min_size:
+        raise ValueError(
+            f'DenseNet expects images of at least {min_size}x{min_size} pixels (its downsampling leaves nothing '
+            f'of a smaller one), got {x.shape[2]}x{x.shape[3]}; resize or pad the input.')
+    return x
+
+
+# keep the check as one node when torch.fx traces (torchvision's and timm's feature extractors included)
+torch.fx.wrap('check_input')
+try:
+    from timm.layers import register_notrace_function
+    register_notrace_function(check_input)
+except ImportError:  # pragma: no cover - older timm
+    pass
+
+
+@contextlib.contextmanager
+def _running_stats_kept(module: nn.Module) -> Iterator[None]:
+    """Undo any change to `module`'s buffers (BatchNorm running statistics) made inside the block."""
+    saved = [b.detach().clone() for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, value in zip(module.buffers(), saved):
+                buf.copy_(value)
+
+
+class DenseLayer(nn.Module):
+    """BN-ReLU-Conv1x1 bottleneck then BN-ReLU-Conv3x3, adding `growth_rate` channels to the block."""
+
+    def __init__(
+            self,
+            num_input_features: int,
+            growth_rate: int,
+            bn_size: int,
+            norm_layer: Type[nn.Module],
+            drop_rate: float = 0.,
+            grad_checkpointing: bool = False,
+            device=None,
+            dtype=None,
+    ) -> None:
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        self.norm1 = norm_layer(num_input_features, **dd)
+        self.conv1 = nn.Conv2d(num_input_features, bn_size * growth_rate, 1, bias=False, **dd)
+        self.norm2 = norm_layer(bn_size * growth_rate, **dd)
+        self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, 3, padding=1, bias=False, **dd)
+        self.drop_rate = float(drop_rate)
+        self.grad_checkpointing = grad_checkpointing
+
+    def bottleneck(self, features: List[torch.Tensor]) -> torch.Tensor:
+        """Concatenate the block's features and apply BN-ReLU-Conv1x1."""
+        return self.conv1(self.norm1(torch.cat(features, 1)))
+
+    @torch.jit.unused
+    def checkpointed_bottleneck(self, features: List[torch.Tensor]) -> torch.Tensor:
+        """The bottleneck without keeping its concatenation and BN output for backward (Pleiss et al.).
+
+        Backward recomputes them; the recomputation leaves BN running statistics as the forward pass left them.
+        """
+        def recompute_contexts():
+            return contextlib.nullcontext(), _running_stats_kept(self.norm1)
+
+        return checkpoint(
+            lambda *xs: self.bottleneck(list(xs)), *features, use_reentrant=False, context_fn=recompute_contexts)
+
+    def forward(self, features: List[torch.Tensor]) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled() \
+                and any([f.requires_grad for f in features]):
+            x = self.checkpointed_bottleneck(features)
+        else:
+            x = self.bottleneck(features)
+        x = self.conv2(self.norm2(x))
+        if self.drop_rate > 0.:
+            x = F.dropout(x, p=self.drop_rate, training=self.training)
+        return x
+
+
+class DenseBlock(nn.ModuleDict):
+    """`num_layers` dense layers, each seeing the concatenation of the block input and all earlier outputs."""
+
+    def __init__(
+            self,
+            num_layers: int,
+            num_input_features: int,
+            bn_size: int,
+            growth_rate: int,
+            norm_layer: Type[nn.Module],
+            drop_rate: float = 0.,
+            grad_checkpointing: bool = False,
+            device=None,
+            dtype=None,
+    ) -> None:
+        super().__init__()
+        for i in range(num_layers):
+            self.add_module(f'denselayer{i + 1}', DenseLayer(
+                num_input_features + i * growth_rate,
+                growth_rate=growth_rate,
+                bn_size=bn_size,
+                norm_layer=norm_layer,
+                drop_rate=drop_rate,
+                grad_checkpointing=grad_checkpointing,
+                device=device,
+                dtype=dtype,
+            ))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = [x]
+        for layer in self.values():
+            features.append(layer(features))
+        return torch.cat(features, 1)
+
+
+class DenseTransition(nn.Sequential):
+    """BN-ReLU-Conv1x1 compression then 2x downsampling (average or blur pool)."""
+
+    def __init__(
+            self,
+            num_input_features: int,
+            num_output_features: int,
+            norm_layer: Type[nn.Module],
+            aa_layer: Optional[Type[nn.Module]] = None,
+            device=None,
+            dtype=None,
+    ) -> None:
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        self.add_module('norm', norm_layer(num_input_features, **dd))
+        self.add_module('conv', nn.Conv2d(num_input_features, num_output_features, 1, bias=False, **dd))
+        if aa_layer is not None:
+            self.add_module('pool', aa_layer(num_output_features, stride=2, **dd))
+        else:
+            self.add_module('pool', nn.AvgPool2d(kernel_size=2, stride=2))
+
+
+def _out_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def _min_input_size(ops: List[Tuple[int, int, int, int]]) -> int:
+    """Smallest square input that survives every (kernel, stride, padding, min_in) downsampling op in turn."""
+    size = 1
+    while True:
+        s, ok = size, True
+        for kernel, stride, padding, min_in in ops:
+            if s < min_in:
+                ok = False
+                break
+            s = _out_size(s, kernel, stride, padding)
+            if s < 1:
+                ok = False
+                break
+        if ok:
+            return size
+        size += 1
+
+
+class DenseNet(nn.Module):
+    """DenseNet-BC (Huang et al.): a stem, dense blocks joined by compressing transitions, BN-ReLU, pooled classifier.
+
+    Args:
+        growth_rate: Channels each dense layer adds (k).
+        block_config: Number of dense layers in each block.
+        num_classes: Classifier outputs; 0 for none.
+        in_chans: Input image channels.
+        global_pool: 'avg', 'max', 'avgmax', 'catavgmax' or '' (no pooling).
+        bn_size: Bottleneck width as a multiple of the growth rate.
+        compression: Fraction of channels a transition keeps (theta).
+        stem_type: '' 7x7/2 conv + max-pool; 'deep' three 3x3 convs + max-pool ('deep_tiered', 'deep_tiered_narrow'
+            vary their widths); 'cifar' one 3x3/1 conv and no pooling, as in the paper's CIFAR networks.
+        stem_width: Stem output channels; 2 * growth_rate when None.
+        act_layer: Activation after each norm.
+        norm_layer: Norm layer, fused with the activation by timm's norm-act layers.
+        aa_layer: Anti-aliasing pool (e.g. BlurPool2d) for the stem's downsampling, None for plain pooling.
+        aa_stem_only: Use `aa_layer` in the stem only, not in the transitions.
+        drop_rate: Dropout before the classifier.
+        proj_drop_rate: Dropout after each dense layer.
+        memory_efficient: Start with gradient checkpointing of the bottlenecks (see `set_grad_checkpointing`).
+    """
+
+    def __init__(
+            self,
+            growth_rate: int = 32,
+            block_config: Tuple[int, ...] = (6, 12, 24, 16),
+            num_classes: int = 1000,
+            in_chans: int = 3,
+            global_pool: str = 'avg',
+            bn_size: int = 4,
+            compression: float = 0.5,
+            stem_type: str = '',
+            stem_width: Optional[int] = None,
+            act_layer: Union[str, Type[nn.Module]] = 'relu',
+            norm_layer: Union[str, Type[nn.Module]] = 'batchnorm2d',
+            aa_layer: Optional[Union[str, Type[nn.Module]]] = None,
+            aa_stem_only: bool = True,
+            drop_rate: float = 0.,
+            proj_drop_rate: float = 0.,
+            memory_efficient: bool = False,
+            device=None,
+            dtype=None,
+    ) -> None:
+        super().__init__()
+        if stem_type not in STEM_TYPES:
+            raise ValueError(f'Unknown stem_type {stem_type!r}, expected one of {STEM_TYPES}.')
+        if not 0. < compression <= 1.:
+            raise ValueError(f'compression must be in (0, 1], got {compression}.')
+        dd = {'device': device, 'dtype': dtype}
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.growth_rate = growth_rate
+        self.drop_rate = drop_rate
+        norm_layer = get_norm_act_layer(norm_layer, act_layer=act_layer)
+        if isinstance(aa_layer, str):
+            aa_layer = {'blur': BlurPool2d, 'blurpool': BlurPool2d}[aa_layer.lower()]
+        num_init_features = stem_width or 2 * growth_rate
+
+        # Stem; downsample_ops records (kernel, stride, padding, min input) of each op that shrinks the image.
+        self.features, stem_tap, downsample_ops = self._create_stem(
+            stem_type, in_chans, num_init_features, growth_rate, norm_layer, aa_layer, dd)
+        stride = 2 if stem_type != 'cifar' else 1
+        self.feature_info = [dict(num_chs=num_init_features, reduction=stride, module=f'features.{stem_tap}')]
+        if stem_type != 'cifar':
+            stride *= 2
+
+        num_features = num_init_features
+        for i, num_layers in enumerate(block_config):
+            name = f'denseblock{i + 1}'
+            self.features.add_module(name, DenseBlock(
+                num_layers=num_layers,
+                num_input_features=num_features,
+                bn_size=bn_size,
+                growth_rate=growth_rate,
+                norm_layer=norm_layer,
+                drop_rate=proj_drop_rate,
+                grad_checkpointing=memory_efficient,
+                **dd,
+            ))
+            num_features += num_layers * growth_rate
+            if i != len(block_config) - 1:
+                self.feature_info.append(dict(num_chs=num_features, reduction=stride, module=f'features.{name}'))
+                transition_aa = None if aa_stem_only else aa_layer
+                out_features = int(num_features * compression)
+                self.features.add_module(f'transition{i + 1}', DenseTransition(
+                    num_features, out_features, norm_layer=norm_layer, aa_layer=transition_aa, **dd))
+                downsample_ops.append((3, 2, 1, 2) if transition_aa is not None else (2, 2, 0, 2))
+                num_features = out_features
+                stride *= 2
+        self.features.add_module('norm5', norm_layer(num_features, **dd))
+        self.feature_info.append(dict(num_chs=num_features, reduction=stride, module='features.norm5'))
+        # positions of the feature taps within self.features, for forward_intermediates
+        names = [n for n, _ in self.features.named_children()]
+        self.feature_ends = [names.index(f['module'].split('.', 1)[1]) for f in self.feature_info]
+        self.min_input_size = _min_input_size(downsample_ops)
+
+        self.num_features = self.head_hidden_size = num_features
+        self.global_pool, self.classifier = create_classifier(num_features, num_classes, pool_type=global_pool, **dd)
+        self.head_hidden_size = num_features * self.global_pool.feat_mult()
+        self.head_drop = nn.Dropout(drop_rate)
+
+        # torchvision's initialisation
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+            elif isinstance(m, nn.Linear):
+                nn.init.constant_(m.bias, 0)
+
+    @staticmethod
+    def _create_stem(
+            stem_type: str,
+            in_chans: int,
+            out_chs: int,
+            growth_rate: int,
+            norm_layer: Type[nn.Module],
+            aa_layer: Optional[Type[nn.Module]],
+            dd: Dict[str, Any],
+    ) -> Tuple[nn.Sequential, str, List[Tuple[int, int, int, int]]]:
+        """Return the stem as the start of `features`, the name of its feature tap, and its downsampling ops."""
+        if stem_type == 'cifar':
+            return nn.Sequential(OrderedDict([
+                ('conv0', nn.Conv2d(in_chans, out_chs, 3, stride=1, padding=1, bias=False, **dd)),
+            ])), 'conv0', []
+
+        if aa_layer is None:
+            pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+            pool_ops = [(3, 2, 1, 1)]
+        else:
+            pool = nn.Sequential(
+                nn.MaxPool2d(kernel_size=3, stride=1, padding=1),
+                aa_layer(channels=out_chs, stride=2, **dd))
+            pool_ops = [(3, 2, 1, 2)]  # reflect padding needs two pixels
+
+        if 'deep' in stem_type:
+            chs_1 = chs_2 = growth_rate
+            if 'tiered' in stem_type:
+                chs_1 = 3 * (growth_rate // 4)
+                chs_2 = out_chs if 'narrow' in stem_type else 6 * (growth_rate // 4)
+            layers = [
+                ('conv0', nn.Conv2d(in_chans, chs_1, 3, stride=2, padding=1, bias=False, **dd)),
+                ('norm0', norm_layer(chs_1, **dd)),
+                ('conv1', nn.Conv2d(chs_1, chs_2, 3, stride=1, padding=1, bias=False, **dd)),
+                ('norm1', norm_layer(chs_2, **dd)),
+                ('conv2', nn.Conv2d(chs_2, out_chs, 3, stride=1, padding=1, bias=False, **dd)),
+                ('norm2', norm_layer(out_chs, **dd)),
+                ('pool0', pool),
+            ]
+            return nn.Sequential(OrderedDict(layers)), 'norm2', [(3, 2, 1, 1)] + pool_ops
+
+        layers = [
+            ('conv0', nn.Conv2d(in_chans, out_chs, 7, stride=2, padding=3, bias=False, **dd)),
+            ('norm0', norm_layer(out_chs, **dd)),
+            ('pool0', pool),
+        ]
+        return nn.Sequential(OrderedDict(layers)), 'norm0', [(7, 2, 3, 1)] + pool_ops
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter groups for layer-wise learning-rate decay and the like."""
+        return dict(
+            stem=r'^features\.conv[012]|^features\.norm[012]|^features\.pool0',
+            blocks=r'^features\.(?:denseblock|transition)(\d+)' if coarse else [
+                (r'^features\.denseblock(\d+)\.denselayer(\d+)', None),
+                (r'^features\.transition(\d+)', MATCH_PREV_GROUP),
+                (r'^features\.norm5', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each bottleneck in backward instead of storing it (memory linear, not quadratic, in depth)."""
+        for m in self.features.modules():
+            if isinstance(m, DenseLayer):
+                m.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the classifier (0 classes: none), optionally with another global pooling."""
+        param = next(self.parameters())
+        self.num_classes = num_classes
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        self.global_pool, self.classifier = create_classifier(
+            self.num_features, num_classes, pool_type=global_pool, device=param.device, dtype=param.dtype)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.global_pool.train(self.training)
+        self.classifier.train(self.training)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Features and the feature maps at `feature_info`'s taps (all, the last n, or those indexed).
+
+        Tap 0 is the stem output, taps 1..n-1 the dense blocks before their transitions, the last the final norm.
+        `norm` has no effect: the last tap is already normalised.
+        """
+        if output_fmt != 'NCHW':
+            raise ValueError(f"DenseNet returns NCHW feature maps only, got output_fmt={output_fmt!r}.")
+        x = check_input(x, self.in_chans, self.min_input_size)
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.feature_ends), indices)
+        if torch.jit.is_scripting() or not stop_early:  # TorchScript cannot slice a Sequential
+            layers = self.features
+        else:
+            layers = self.features[:self.feature_ends[max_index] + 1]
+        feat_idx = 0
+        for i, layer in enumerate(layers):
+            x = layer(x)
+            if i in self.feature_ends:
+                if feat_idx in take_indices:
+                    intermediates.append(x)
+                feat_idx += 1
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the layers after the last tap in `indices` (and the head); return the kept indices."""
+        take_indices, max_index = feature_take_indices(len(self.feature_ends), indices)
+        prune_end = max_index < len(self.feature_ends) - 1
+        self.features = self.features[:self.feature_ends[max_index] + 1]
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or prune_end:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = check_input(x, self.in_chans, self.min_input_size)
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        x = self.head_drop(x)
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
