@@ -118,6 +118,94 @@ def build_parser() -> argparse.ArgumentParser:
 _EXTRA_COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = []
 
 
+def _cmd_card(args: argparse.Namespace) -> None:
+    from .cards import render_model_card, write_model_card, write_model_cards
+    if args.all:
+        if args.model or args.repo_id:
+            raise CliError('--all renders every pretrained tag; give it without MODEL or --repo-id.')
+        for path in write_model_cards(args.out):
+            print(path)
+    elif not args.model:
+        raise CliError('give a MODEL[.TAG] to render, or --all to regenerate every card.')
+    elif args.out:
+        print(write_model_card(args.model, args.out, force=args.force, repo_id=args.repo_id))
+    else:
+        sys.stdout.write(render_model_card(args.model, repo_id=args.repo_id))
+
+
+def _add_card(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser('card', help="render a pretrained tag's model card (the README.md of its Hub repository)")
+    p.add_argument('model', nargs='?', metavar='MODEL[.TAG]', help='variant, optionally with a pretrained tag')
+    p.add_argument('--all', action='store_true', help='regenerate the card of every pretrained tag in model_cards/')
+    p.add_argument('--out', metavar='PATH', help='write the card to this file (with --all: into this folder)')
+    p.add_argument('--force', action='store_true', help='overwrite an existing --out file')
+    p.add_argument('--repo-id', help="the Hub repository the usage code loads (default: the tag's own)")
+    p.set_defaults(func=_cmd_card)
+
+
+_EXTRA_COMMANDS.append(_add_card)
+
+
+def _print_files(files: Sequence) -> None:
+    def size(n: float) -> str:
+        for unit in ('B', 'kB', 'MB', 'GB'):
+            if n < 1000 or unit == 'GB':
+                return f'{n:.0f} {unit}' if unit == 'B' else f'{n:.1f} {unit}'
+            n /= 1000
+    for name, n in files:
+        print(f'  {name:<24}{size(n):>10}')
+    print(f'  {len(files)} files, {size(sum(n for _, n in files))}')
+
+
+def _cmd_convert(args: argparse.Namespace) -> None:
+    from .hub import convert_checkpoint, upload_files
+    out = convert_checkpoint(
+        args.checkpoint, args.model, args.out, num_classes=args.num_classes, force=args.force,
+        repo_id=args.repo_id, use_ema=not args.no_ema)
+    config = json.loads((out / 'config.json').read_text())
+    print(f'wrote {out} ({config["architecture"]}, {config["num_classes"]} classes):')
+    _print_files(upload_files(out))
+    print(f"load it: timm.create_model('local-dir:{out}'); publish it: "
+          f"timm-densenet-ext push {out} --repo-id {args.repo_id or 'ORG/NAME'}")
+
+
+def _cmd_push(args: argparse.Namespace) -> None:
+    from .hub import push_folder
+    result = push_folder(
+        args.folder, args.repo_id, private=args.private, revision=args.revision,
+        commit_message=args.commit_message, create_pr=args.create_pr, dry_run=args.dry_run)
+    target = result.repo_id + (f' (branch {result.revision})' if result.revision else '')
+    print(f'{"would upload" if result.dry_run else "uploaded"} to {target}:')
+    _print_files(result.files)
+    print('dry run: nothing was uploaded.' if result.dry_run else (result.pr_url or result.commit_url))
+
+
+def _add_convert_push(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser('convert', help='convert a checkpoint into a hub folder (model.safetensors, config.json, card)')
+    p.add_argument('checkpoint', help='torchvision or timm checkpoint (.pth, .pth.tar, .bin) or .safetensors file')
+    p.add_argument('--model', required=True, metavar='MODEL[.TAG]',
+                   help='the variant the checkpoint was trained as; a tag picks that preprocessing config')
+    p.add_argument('--out', required=True, metavar='DIR', help='the folder to write')
+    p.add_argument('--num-classes', type=int, metavar='N', help="check the classifier has N classes (default: read)")
+    p.add_argument('--repo-id', metavar='ORG/NAME', help="the Hub repository the card's usage code loads")
+    p.add_argument('--no-ema', action='store_true', help="read a training checkpoint's 'state_dict', not its EMA")
+    p.add_argument('--force', action='store_true', help='replace an existing DIR (kept if the write fails)')
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser('push', help='upload a hub folder to a Hugging Face Hub repository')
+    p.add_argument('folder', metavar='DIR', help='a folder written by `convert`')
+    p.add_argument('--repo-id', required=True, metavar='ORG/NAME', help='the repository (created if missing)')
+    p.add_argument('--private', action='store_true', help='create the repository private')
+    p.add_argument('--revision', metavar='BRANCH', help='the branch to commit to (created if missing)')
+    p.add_argument('--commit-message', metavar='M', help='the commit message')
+    p.add_argument('--create-pr', action='store_true', help='open a pull request instead of committing')
+    p.add_argument('--dry-run', action='store_true', help='validate and list the files; needs no token')
+    p.set_defaults(func=_cmd_push)
+
+
+_EXTRA_COMMANDS.append(_add_convert_push)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:

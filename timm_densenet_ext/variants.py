@@ -73,14 +73,29 @@ release_names(default_cfgs)
 
 
 def _create_densenet(variant: str, pretrained: bool = False, **kwargs) -> DenseNet:
-    return build_model_with_cfg(
-        DenseNet,
-        variant,
-        pretrained,
-        feature_cfg=dict(flatten_sequential=True),
-        pretrained_filter_fn=checkpoint_filter_fn,
-        **kwargs,
-    )
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    try:
+        return build_model_with_cfg(
+            DenseNet,
+            variant,
+            pretrained,
+            feature_cfg=dict(flatten_sequential=True),
+            pretrained_filter_fn=checkpoint_filter_fn,
+            **kwargs,
+        )
+    except LocalEntryNotFoundError as e:
+        # huggingface_hub's own message names neither the repository nor a way out
+        if not pretrained:
+            raise
+        from timm.models import resolve_pretrained_cfg
+        cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+        why = 'HF_HUB_OFFLINE is set' if constants.HF_HUB_OFFLINE else 'the Hub cannot be reached'
+        raise LocalEntryNotFoundError(
+            f'pretrained weights for {variant} are in the Hugging Face Hub repository {cfg.hf_hub_id}, which is not '
+            f'in the local cache ({kwargs.get("cache_dir") or constants.HF_HUB_CACHE}), and {why}. Go online once '
+            f'(unset HF_HUB_OFFLINE) to download them, or load a local copy with '
+            f"pretrained_cfg_overlay=dict(file='path/to/model.safetensors').") from e
 
 
 def _densenet_bc_cifar(variant: str, depth: int, growth_rate: int, pretrained: bool, **kwargs) -> DenseNet:

@@ -1,0 +1,320 @@
+"""Model cards: the committed cards are what the code renders, their usage code runs offline as written, their
+metadata and figures are right, and the `card` command behaves."""
+import contextlib
+import copy
+import functools
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import pytest
+import timm
+import torch
+from huggingface_hub import ModelCard
+from PIL import Image
+from timm.models import get_pretrained_cfg
+from timm.models._hub import save_config_for_hf
+
+import timm_densenet_ext
+from timm_densenet_ext import cards, cli
+from timm_densenet_ext.stats import model_stats
+
+from hub_fixtures import add_weights_to_hub_cache
+
+CARD_NAMES = cards.card_model_names()
+
+# what the cards' code prints, as stated in its comments: a shape, a list of ints, or a bool
+_OUTPUT = r'(torch\.Size\(\[[\d, ]*\]\)|\[[\d, ]*\]|True|False)'
+_STATED = re.compile(r'#\s*' + _OUTPUT + r'\s*$')
+_PRINTED = re.compile(_OUTPUT + r'$')
+_TOP5_LINE = re.compile(r'^\s*\d+\.\d%  \S')
+
+
+_render = cards.render_model_card
+
+
+@functools.lru_cache(maxsize=None)
+def rendered(name: str) -> str:
+    return _render(name)
+
+
+def python_blocks(card_text: str) -> List[str]:
+    return re.findall(r'^```python\n(.*?)^```$', card_text, flags=re.S | re.M)
+
+
+def bibtex_keys(card_text: str) -> List[str]:
+    return re.findall(r'^```bibtex\n@\w+\{([^,]+),', card_text, flags=re.M)
+
+
+def run_block(code: str, label: str) -> Dict[str, object]:
+    """Run a card's code block as a script (fresh namespace), returning its namespace and `_stdout`."""
+    namespace = {'__name__': '__main__'}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), torch.no_grad():
+        exec(compile(code, label, 'exec'), namespace)
+    namespace['_stdout'] = out.getvalue()
+    return namespace
+
+
+def write_image(folder: Path) -> None:
+    """A real JPEG, not square, so that the resize and center crop both act."""
+    y, x = np.mgrid[0:240, 0:320]
+    rgb = np.stack([x * 255 // 320, y * 255 // 240, ((x // 40 + y // 40) % 2) * 200], axis=-1).astype(np.uint8)
+    Image.fromarray(rgb).save(folder / 'image.jpg', quality=90)
+
+
+def check_card_code(card_text: str, weights: Dict[str, torch.Tensor], num_classes: int, label: str) -> List[dict]:
+    """Run each python block of a card (cwd holds image.jpg) and check it prints what its comments state."""
+    blocks = python_blocks(card_text)
+    assert len(blocks) == 3, 'classification, feature maps, embeddings'
+    results = []
+    for i, code in enumerate(blocks):
+        lines = code.splitlines()
+        assert [l.split('#')[0].strip() for l in lines[:2]] == ['import timm', 'import timm_densenet_ext']
+        assert "Image.open('image.jpg')" in code
+        assert 'http' not in code and 'urlopen' not in code
+        ns = run_block(code, f'<{label} block {i}>')
+        stated = [m.group(1) for m in map(_STATED.search, lines) if m]
+        printed = [l for l in ns['_stdout'].splitlines() if _PRINTED.match(l)]
+        assert stated, f'block {i} states no output'
+        assert printed == stated, f'block {i} of {label}:\n{code}'
+        if 'features_only=True' not in code:  # the weights came from the hub cache, not a fresh init
+            state = ns['model'].state_dict()
+            assert torch.equal(state['features.conv0.weight'], weights['features.conv0.weight'])
+        results.append(ns)
+    classify, features, embed = results
+    assert classify['output'].shape == (1, num_classes)
+    top5 = [l for l in classify['_stdout'].splitlines() if _TOP5_LINE.match(l)]
+    assert len(top5) == min(5, num_classes)
+    assert len(features['feature_maps']) == 5
+    assert embed['embedding'].dim() == 2 and torch.isfinite(embed['embedding']).all()
+    return results
+
+
+# --- (a) the committed cards are exactly what the code renders ---------------------------------------------------
+
+def test_card_names_are_one_per_hub_repository():
+    assert {'densenet121.ra_in1k', 'densenetblur121d.ra_in1k', 'densenet121.tv_in1k', 'densenet161.tv_in1k',
+            'densenet169.tv_in1k', 'densenet201.tv_in1k'} <= set(CARD_NAMES)
+    assert 'tv_densenet121.tv_in1k' not in CARD_NAMES  # shares timm/densenet121.tv_in1k
+    repos = [get_pretrained_cfg(n).hf_hub_id for n in CARD_NAMES]
+    assert len(set(repos)) == len(repos)
+    with_weights = {get_pretrained_cfg(n).hf_hub_id for n in timm.list_pretrained()
+                    if n.split('.')[0] in timm_densenet_ext.MODEL_NAMES}
+    assert set(repos) == with_weights
+    assert all(r.split('/')[-1] == n for r, n in zip(repos, CARD_NAMES))
+
+
+def test_a_newly_registered_tag_gets_a_card(monkeypatch):
+    extended = dict(timm_densenet_ext.default_cfgs)
+    extended['densenet169'] = copy.deepcopy(extended['densenet169'])
+    new_cfg = copy.deepcopy(extended['densenet169'].cfgs['tv_in1k'])
+    new_cfg.hf_hub_id, new_cfg.tag = 'timm/densenet169.ra_in1k', 'ra_in1k'
+    extended['densenet169'].tags.append('ra_in1k')
+    extended['densenet169'].cfgs['ra_in1k'] = new_cfg
+    monkeypatch.setattr(cards, 'default_cfgs', extended)
+    assert cards.card_model_names() == sorted(CARD_NAMES + ['densenet169.ra_in1k'])
+
+
+def test_card_folder_holds_the_template_and_one_card_per_tag():
+    files = {p.name for p in cards.CARD_DIR.iterdir() if p.is_file()}
+    assert files == {'TEMPLATE.md'} | {f'{n}.md' for n in CARD_NAMES}, (
+        'model_cards/ is out of date: run `timm-densenet-ext card --all` (and delete cards of removed tags)')
+
+
+@pytest.mark.parametrize('name', CARD_NAMES)
+def test_committed_card_is_what_the_code_renders(name):
+    committed = cards.card_path(name).read_text(encoding='utf-8')
+    assert committed == rendered(name), f'{name}: run `timm-densenet-ext card --all` and commit model_cards/'
+
+
+# --- (b) every code block of every committed card runs offline, printing what it states ---------------------------
+
+@pytest.mark.parametrize('name', CARD_NAMES)
+def test_card_code_runs_offline_against_the_cards_repository(name, hub_cache, tmp_path, monkeypatch):
+    cfg = get_pretrained_cfg(name)
+    torch.manual_seed(0)
+    weights = timm.create_model(name).state_dict()  # random init of the right architecture
+    add_weights_to_hub_cache(hub_cache, cfg.hf_hub_id, weights)
+    monkeypatch.chdir(tmp_path)
+    write_image(tmp_path)
+    classify, features, embed = check_card_code(
+        cards.card_path(name).read_text(encoding='utf-8'), weights, cfg.num_classes, name)
+    assert [f.shape[-1] for f in features['feature_maps']] == [224 // 2, 224 // 4, 224 // 8, 224 // 16, 224 // 32]
+    assert embed['embedding'].shape == (1, embed['model'].num_features)
+
+
+def test_card_of_a_fine_tuned_checkpoint_in_another_repository(hub_cache, tmp_path, monkeypatch):
+    """What `convert` writes: a custom repo, 3 classes with label names; its card's code loads it by hf-hub:."""
+    labels = ['cat', 'dog', 'fox']
+    text = cards.render_model_card(
+        'densenet121', repo_id='acme/densenet121-pets', pretrained_cfg=dict(num_classes=3, label_names=labels))
+    torch.manual_seed(0)
+    model = timm.create_model('densenet121.ra_in1k', num_classes=3)
+    config_path = tmp_path / 'config.json'
+    save_config_for_hf(model, str(config_path), model_config=dict(label_names=labels))
+    add_weights_to_hub_cache(hub_cache, 'acme/densenet121-pets', model.state_dict(),
+                             config=json.loads(config_path.read_text()))
+    monkeypatch.chdir(tmp_path)
+    write_image(tmp_path)
+
+    assert "timm.create_model('hf-hub:acme/densenet121-pets', pretrained=True" in text
+    assert '# Model card for acme/densenet121-pets' in text
+    classify, _, _ = check_card_code(text, model.state_dict(), 3, 'fine-tuned')
+    printed_labels = {l.split('%  ')[1] for l in classify['_stdout'].splitlines() if _TOP5_LINE.match(l)}
+    assert printed_labels == set(labels)
+
+    data = ModelCard(text).data
+    assert data.base_model == 'timm/densenet121.ra_in1k' and data.datasets is None
+    assert 'Fine-tuned to 3 classes from `timm/densenet121.ra_in1k`. Those weights: Trained on ImageNet-1k' in text
+    assert f'| {model_stats("densenet121", num_classes=3).params:,} |' in text
+
+
+# --- (c) metadata and figures --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('name', CARD_NAMES)
+def test_card_metadata(name):
+    card = ModelCard.load(cards.card_path(name))
+    cfg = get_pretrained_cfg(name)
+    data = card.data
+    assert data.library_name == 'timm'
+    assert data.pipeline_tag == 'image-classification'
+    assert data.license == cfg.license and data.license in ('apache-2.0', 'bsd-3-clause')
+    assert data.tags[:3] == ['image-classification', 'timm', 'densenet']
+    assert data.datasets == ['imagenet-1k']
+    assert ('blurpool' in data.tags) == name.startswith('densenetblur')
+    assert card.text.lstrip().startswith(f'# Model card for {name}\n')
+
+
+@pytest.mark.parametrize('name', CARD_NAMES)
+def test_card_statistics_preprocessing_and_pyramid_are_measured(name):
+    text = cards.card_path(name).read_text(encoding='utf-8')
+    cfg = get_pretrained_cfg(name)
+    rows = re.findall(r'^\| (\d+) x (\d+) \((input size|test input size)\) \| ([\d,]+) \| ([\d.]+) \| ([\d.]+) \|$',
+                      text, flags=re.M)
+    sizes = [cfg.input_size] + ([cfg.test_input_size] if cfg.test_input_size else [])
+    assert [(int(h), int(w)) for h, w, *_ in rows] == [tuple(s[1:]) for s in sizes]
+    for (_, _, _, params, gmacs, activations), size in zip(rows, sizes):
+        stats = model_stats(name, tuple(size))
+        assert int(params.replace(',', '')) == stats.params
+        assert float(gmacs) == pytest.approx(stats.gmacs, abs=0.005)
+        assert float(activations) == pytest.approx(stats.activations_m, abs=0.005)
+    if name.startswith('densenet121.'):  # the GUIDE's reference figures for timm's DenseNet-121
+        assert rows[0][3:5] == ('7,978,856', '2.83')
+
+    assert f'- **Input size:** {cfg.input_size[1]} x {cfg.input_size[2]}\n' in text
+    assert f'- **crop_pct:** {cfg.crop_pct} ' in text
+    assert f'- **Interpolation:** {cfg.interpolation}\n' in text
+    assert f'- **Mean:** {tuple(cfg.mean)}\n' in text and f'- **Std:** {tuple(cfg.std)}\n' in text
+    assert ('- **Test input size:** 288 x 288 (crop_pct 0.95)' in text) == (cfg.test_input_size is not None)
+
+    with torch.device('meta'):
+        backbone = timm.create_model(name, features_only=True)
+    pyramid = re.findall(r'^\| (\d) \| (\d+) \| (\d+) \| (\d+) x (\d+) \| `([\w.]+)` \|$', text, flags=re.M)
+    assert [int(c) for _, c, *_ in pyramid] == backbone.feature_info.channels()
+    assert [int(r) for _, _, r, *_ in pyramid] == backbone.feature_info.reduction()
+    assert [int(h) for *_, h, _, _ in pyramid] == [224 // r for r in backbone.feature_info.reduction()]
+
+
+@pytest.mark.parametrize('name', CARD_NAMES)
+def test_card_weights_source_and_citations(name):
+    text = cards.card_path(name).read_text(encoding='utf-8')
+    keys = bibtex_keys(text)
+    assert keys[0] == 'huang2017densely'
+    assert ('zhang2019shiftinvar' in keys) == name.startswith('densenetblur')
+    if name.endswith('.ra_in1k'):
+        assert {'rw2019timm', 'wightman2021resnet', 'cubuk2020randaugment'} <= set(keys)
+        assert 'RandAugment `RA` recipe' in text
+    if name.endswith('.tv_in1k'):
+        assert 'torchvision2016' in keys
+        arch = name.split('.')[0].replace('densenet', 'DenseNet')
+        assert f"torchvision's `{arch}_Weights.IMAGENET1K_V1` weights" in text
+    assert len(keys) == len(set(keys))
+    repo = get_pretrained_cfg(name).hf_hub_id
+    aliases = [n for n in timm.list_pretrained() if n != name and n.split('.')[0] in timm_densenet_ext.MODEL_NAMES
+               and get_pretrained_cfg(n).hf_hub_id == repo]
+    assert (name == 'densenet121.tv_in1k') <= ('tv_densenet121.tv_in1k' in aliases)
+    for alias in aliases:
+        assert f'`{alias}`' in text
+
+
+def test_render_arguments_and_errors():
+    assert rendered('densenet121') == rendered('densenet121.ra_in1k')  # the default tag
+    text = cards.render_model_card('densenet121.tv_in1k', weights_source='Weights from a test.')
+    assert '\nWeights from a test.\n' in text and 'IMAGENET1K_V1' not in text
+    with pytest.raises(ValueError, match="unknown model 'densenet999'"):
+        cards.render_model_card('densenet999')
+    with pytest.raises(ValueError, match="unknown pretrained tag 'nope' for densenet121"):
+        cards.render_model_card('densenet121.nope')
+    with pytest.raises(ValueError, match='no published weights'):
+        cards.render_model_card('densenet264d')
+
+
+# --- (d) the `card` command ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def rendered_once(monkeypatch):
+    """The command renders through this session's cache: rendering is tested above, the command here."""
+    def render(model_name, **kwargs):
+        return rendered(model_name) if not any(kwargs.values()) else _render(model_name, **kwargs)
+    monkeypatch.setattr(cards, 'render_model_card', render)
+
+
+def test_cli_card_prints_the_card(rendered_once, capsys):
+    assert cli.main(['card', 'densenet121']) == 0
+    assert capsys.readouterr().out == rendered('densenet121.ra_in1k')
+
+
+def test_cli_card_all_regenerates_a_folder(rendered_once, tmp_path, capsys):
+    out_dir = tmp_path / 'cards'
+    assert cli.main(['card', '--all', '--out', str(out_dir)]) == 0
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(f'{n}.md' for n in CARD_NAMES)
+    for name in CARD_NAMES:
+        assert (out_dir / f'{name}.md').read_text(encoding='utf-8') == cards.card_path(name).read_text(encoding='utf-8')
+    assert capsys.readouterr().out.split() == [str(out_dir / f'{n}.md') for n in CARD_NAMES]
+
+
+def test_cli_card_out_refuses_to_overwrite(rendered_once, tmp_path, capsys):
+    out = tmp_path / 'README.md'
+    assert cli.main(['card', 'densenet121.tv_in1k', '--out', str(out)]) == 0
+    assert out.read_text(encoding='utf-8') == rendered('densenet121.tv_in1k')
+    out.write_text('mine')
+    capsys.readouterr()
+    assert cli.main(['card', 'densenet121.tv_in1k', '--out', str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'exists' in err and '--force' in err
+    assert out.read_text() == 'mine'
+    assert cli.main(['card', 'densenet121.tv_in1k', '--out', str(out), '--force']) == 0
+    assert out.read_text(encoding='utf-8') == rendered('densenet121.tv_in1k')
+    assert [p.name for p in tmp_path.iterdir()] == ['README.md']  # no temp file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would create it, not mkstemp's 0600
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['card', 'densenet999'], "unknown model 'densenet999'"),
+    (['card', 'densenet121.nope'], "unknown pretrained tag 'nope'"),
+    (['card'], 'give a MODEL[.TAG]'),
+])
+def test_cli_card_errors_are_one_line(argv, message, capsys):
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ''
+    assert captured.err.count('\n') == 1 and captured.err.startswith('timm-densenet-ext card: error: ')
+    assert message in captured.err
+
+
+def test_cli_unknown_model_from_the_command_line():
+    proc = subprocess.run([sys.executable, '-m', 'timm_densenet_ext.cli', 'card', 'densenet999'],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ''
+    assert proc.stderr.splitlines() == [
+        "timm-densenet-ext card: error: unknown model 'densenet999'; `timm-densenet-ext list` shows the "
+        f'{len(timm_densenet_ext.MODEL_NAMES)} variants.']

@@ -1,0 +1,331 @@
+"""Model cards: the Hub README.md of each pretrained tag, rendered from the registry and the model itself.
+
+The card's text is the Jinja2 template `model_cards/TEMPLATE.md`. Everything a card states about the model
+(statistics, preprocessing, feature pyramid, the shapes its usage code prints) is measured here from the model built
+on the meta device, so a card cannot drift from the code; the Hub metadata goes through huggingface_hub's
+`ModelCardData` and `ModelCard.from_template`. `timm-densenet-ext card --all` regenerates `model_cards/`.
+"""
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import timm
+import torch
+from huggingface_hub import ModelCard, ModelCardData
+from timm.layers import BlurPool2d
+
+from .stats import model_stats
+from .variants import default_cfgs
+
+__all__ = ['CARD_DIR', 'TEMPLATE_PATH', 'CITATIONS', 'card_model_names', 'card_path', 'render_model_card',
+           'write_model_card', 'write_model_cards']
+
+CARD_DIR = Path(__file__).resolve().parent.parent / 'model_cards'
+TEMPLATE_PATH = CARD_DIR / 'TEMPLATE.md'
+
+CITATIONS = {
+    'densenet': """@inproceedings{huang2017densely,
+  title={Densely Connected Convolutional Networks},
+  author={Huang, Gao and Liu, Zhuang and van der Maaten, Laurens and Weinberger, Kilian Q.},
+  booktitle={Proceedings of the IEEE Conference on Computer Vision and Pattern Recognition (CVPR)},
+  pages={4700--4708},
+  year={2017}
+}""",
+    'blurpool': """@inproceedings{zhang2019shiftinvar,
+  title={Making Convolutional Networks Shift-Invariant Again},
+  author={Zhang, Richard},
+  booktitle={Proceedings of the 36th International Conference on Machine Learning (ICML)},
+  pages={7324--7334},
+  year={2019}
+}""",
+    'timm': """@misc{rw2019timm,
+  author={Ross Wightman},
+  title={PyTorch Image Models},
+  year={2019},
+  publisher={GitHub},
+  journal={GitHub repository},
+  doi={10.5281/zenodo.4414861},
+  howpublished={\\url{https://github.com/huggingface/pytorch-image-models}}
+}""",
+    'rsb': """@inproceedings{wightman2021resnet,
+  title={ResNet strikes back: An improved training procedure in timm},
+  author={Wightman, Ross and Touvron, Hugo and J{\\'e}gou, Herv{\\'e}},
+  booktitle={NeurIPS 2021 Workshop on ImageNet: Past, Present, and Future},
+  year={2021}
+}""",
+    'randaugment': """@inproceedings{cubuk2020randaugment,
+  title={RandAugment: Practical Automated Data Augmentation with a Reduced Search Space},
+  author={Cubuk, Ekin D. and Zoph, Barret and Shlens, Jonathon and Le, Quoc V.},
+  booktitle={Advances in Neural Information Processing Systems},
+  volume={33},
+  pages={18613--18624},
+  year={2020}
+}""",
+    'torchvision': """@software{torchvision2016,
+  title={TorchVision: PyTorch's Computer Vision library},
+  author={TorchVision maintainers and contributors},
+  year={2016},
+  journal={GitHub repository},
+  publisher={GitHub},
+  howpublished={\\url{https://github.com/pytorch/vision}}
+}""",
+}
+
+_PAPERS = {
+    'blurpool': ('Making Convolutional Networks Shift-Invariant Again', 'https://arxiv.org/abs/1904.11486'),
+    'randaugment': ('RandAugment: Practical automated data augmentation with a reduced search space',
+                    'https://arxiv.org/abs/1909.13719'),
+    'rsb': ('ResNet strikes back: An improved training procedure in timm', 'https://arxiv.org/abs/2110.00476'),
+}
+
+# pretrained-tag tokens naming a dataset: Hub dataset id, display name
+_DATASETS = {
+    'in1k': ('imagenet-1k', 'ImageNet-1k'),
+    'in21k': ('imagenet-21k', 'ImageNet-21k'),
+    'in22k': ('imagenet-22k', 'ImageNet-22k'),
+}
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    """Where the weights of a tag prefix come from: a sentence (str.format fields below) and what to cite."""
+    source: str  # fields: {dataset}, {arch}, {tv_weights}, {origin}
+    papers: Tuple[str, ...] = ()
+    citations: Tuple[str, ...] = ()
+
+
+_RECIPES = {
+    'ra': _Recipe(
+        'Trained on {dataset} in timm by Ross Wightman with the RandAugment `RA` recipe (RandAugment, RMSProp with '
+        'TF 1.0 behaviour, EMA weight averaging, step LR schedule with warmup), which is related to the `B` recipe '
+        'of ResNet strikes back.',
+        papers=('randaugment', 'rsb'), citations=('timm', 'rsb', 'randaugment')),
+    'tv': _Recipe(
+        "torchvision's `{tv_weights}.IMAGENET1K_V1` weights, trained on {dataset} by torchvision and republished "
+        'by timm in safetensors.',
+        citations=('torchvision',)),
+}
+_UNKNOWN_RECIPE = _Recipe('Pretrained weights from {origin}.')
+
+
+def card_model_names() -> List[str]:
+    """Every registered pretrained tag with weights of its own: one per Hub repository, as 'arch.tag', sorted.
+
+    Tags that share a repository (tv_densenet121.tv_in1k loads timm/densenet121.tv_in1k) get one card, under the
+    name the repository is called by.
+    """
+    by_repo: Dict[str, List[str]] = {}
+    for arch, default_cfg in default_cfgs.items():
+        for tag, cfg in default_cfg.cfgs.items():
+            if cfg.has_weights:
+                by_repo.setdefault(cfg.hf_hub_id or str(cfg.url or cfg.file), []).append(f'{arch}.{tag}')
+    names = []
+    for repo, tagged in by_repo.items():
+        own = [n for n in tagged if repo.split('/')[-1] == n]
+        names.append(own[0] if own else tagged[0])
+    return sorted(names)
+
+
+def card_path(model_name: str, out_dir: Union[str, Path, None] = None) -> Path:
+    """Where `write_model_cards` puts the card of 'arch.tag'."""
+    return Path(out_dir or CARD_DIR) / f'{model_name}.md'
+
+
+def _resolve(model_name: str) -> Tuple[str, str]:
+    arch, _, tag = model_name.partition('.')
+    if arch not in default_cfgs:
+        raise ValueError(
+            f'unknown model {model_name!r}; `timm-densenet-ext list` shows the {len(default_cfgs)} variants.')
+    tags = default_cfgs[arch].tags
+    if not tag:
+        tag = tags[0]
+    elif tag not in tags:
+        raise ValueError(f'unknown pretrained tag {tag!r} for {arch}; its tags are: {", ".join(tags)}.')
+    return arch, tag
+
+
+def _size(input_size) -> str:
+    return f'{input_size[-2]} x {input_size[-1]}'
+
+
+def _measure(name: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """What a card states about the model, measured from it on the meta device (no memory, no compute)."""
+    model_args = dict(num_classes=cfg['num_classes'], in_chans=cfg['input_size'][0])
+    with torch.device('meta'):
+        model = timm.create_model(name, **model_args).eval()
+        with torch.no_grad():
+            # the maps at feature_info's taps: what features_only=True returns
+            unpooled, feature_maps = model.forward_intermediates(torch.empty((1, *cfg['input_size'])))
+            embedding = model.forward_head(unpooled, pre_logits=True)
+            logits = model.forward_head(unpooled)
+
+    sizes = [('input size', cfg['input_size'])]
+    if cfg.get('test_input_size') and tuple(cfg['test_input_size']) != tuple(cfg['input_size']):
+        sizes.append(('test input size', cfg['test_input_size']))
+    stats_rows = []
+    for label, input_size in sizes:
+        s = model_stats(name, tuple(input_size), **model_args)
+        stats_rows.append(dict(label=label, size=_size(input_size), params=f'{s.params:,}', gmacs=f'{s.gmacs:.2f}',
+                               activations=f'{s.activations_m:.2f}'))
+
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(pretrained_cfg=cfg))
+    resize = next((t.size for t in transform.transforms if type(t).__name__ == 'Resize'), None)
+    pre = dict(
+        input_size=_size(cfg['input_size']), crop_pct=cfg['crop_pct'], resize=resize,
+        interpolation=cfg['interpolation'], mean=tuple(cfg['mean']), std=tuple(cfg['std']),
+        test_input_size=_size(sizes[1][1]) if len(sizes) > 1 else None, test_crop_pct=cfg.get('test_crop_pct'))
+
+    info = model.feature_info
+    return dict(
+        stats_rows=stats_rows,
+        pre=pre,
+        pyramid=[dict(index=i, channels=f['num_chs'], reduction=f['reduction'], module=f['module'],
+                      size=_size(x.shape)) for i, (f, x) in enumerate(zip(info, feature_maps))],
+        channels=[f['num_chs'] for f in info],
+        reductions=[f['reduction'] for f in info],
+        feature_shapes=[repr(x.shape) for x in feature_maps],
+        logits_shape=repr(logits.shape),
+        embedding_shape=repr(embedding.shape),
+        unpooled_shape=repr(unpooled.shape),
+        blur=any(isinstance(m, BlurPool2d) for m in model.modules()),
+    )
+
+
+def render_model_card(
+        model_name: str,
+        *,
+        repo_id: Optional[str] = None,
+        pretrained_cfg: Optional[dict] = None,
+        weights_source: Optional[str] = None,
+) -> str:
+    """The model card (Hub README.md: YAML metadata, then markdown) of 'arch' or 'arch.tag'.
+
+    `pretrained_cfg` overrides the registered config (e.g. num_classes and label_names of a fine-tuned checkpoint);
+    `repo_id` is the Hub repository the usage code loads (default the config's hf_hub_id); `weights_source` is a
+    sentence saying where the weights came from (default from the tag's training recipe).
+    """
+    arch, tag = _resolve(model_name)
+    name = f'{arch}.{tag}'
+    registered = timm.models.get_pretrained_cfg(name).to_dict()
+    cfg = {**registered, **(pretrained_cfg or {})}
+    repo_id = repo_id or cfg.get('hf_hub_id')
+    if not repo_id:
+        raise ValueError(
+            f'{name} has no published weights; give the Hub repository that holds them (repo_id, --repo-id).')
+    own_repo = repo_id == registered.get('hf_hub_id')
+    model_ref = name if own_repo else f'hf-hub:{repo_id}'
+    num_classes = cfg['num_classes']
+    fine_tuned = num_classes != registered['num_classes']
+
+    # the datasets the tag names; a checkpoint re-headed to other classes was fine-tuned on data we don't know
+    tag_datasets = [_DATASETS[t] for t in tag.split('_') if t in _DATASETS]
+    datasets = [] if fine_tuned else tag_datasets
+    recipe = _RECIPES.get(tag.split('_')[0], _UNKNOWN_RECIPE)
+    if weights_source is None:
+        weights_source = recipe.source.format(
+            dataset=' and '.join(d[1] for d in tag_datasets) or 'its dataset', arch=arch,
+            tv_weights=arch.replace('densenet', 'DenseNet') + '_Weights',
+            origin=registered.get('origin_url') or f'the [{repo_id}](https://huggingface.co/{repo_id}) repository')
+        if fine_tuned and registered.get('hf_hub_id'):
+            weights_source = (f'Fine-tuned to {num_classes} classes from `{registered["hf_hub_id"]}`. '
+                              f'Those weights: {weights_source}')
+
+    figures = _measure(name, cfg)
+    blur = figures.pop('blur')
+
+    papers = []
+    if cfg.get('paper_name') and cfg.get('paper_ids'):
+        ids = cfg['paper_ids'] if isinstance(cfg['paper_ids'], (list, tuple)) else [cfg['paper_ids']]
+        papers += [(cfg['paper_name'], 'https://arxiv.org/abs/' + i.split(':', 1)[1]) for i in ids
+                   if i.startswith('arXiv:')]
+    citations = ['densenet'] + (['blurpool'] if blur else []) + list(recipe.citations)
+    papers += [_PAPERS[c] for c in (['blurpool'] if blur else []) + list(recipe.papers)]
+
+    if cfg.get('label_names') and not own_repo:
+        labels = 'cfg'
+    elif num_classes == 1000 and ('imagenet-1k', 'ImageNet-1k') in datasets:
+        labels = 'imagenet'
+    else:
+        labels = 'index'
+
+    card_data = ModelCardData(
+        library_name='timm',
+        license=cfg.get('license'),
+        tags=['image-classification', 'timm', 'densenet', 'timm-densenet-ext'] + (['blurpool'] if blur else []),
+        datasets=[d[0] for d in datasets] or None,
+        pipeline_tag='image-classification',
+        base_model=registered['hf_hub_id'] if fine_tuned and registered.get('hf_hub_id') else None,
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE_PATH),
+        title=repo_id if not own_repo else name,
+        arch=arch,
+        arch_doc=(timm.models.model_entrypoint(arch).__doc__ or arch).strip().splitlines()[0].rstrip('.'),
+        repo_id=repo_id,
+        model_ref=model_ref,
+        aliases=[f'{a}.{t}' for a, d in default_cfgs.items() for t, c in d.cfgs.items()
+                 if own_repo and c.hf_hub_id == repo_id and f'{a}.{t}' != name],
+        weights_source=weights_source,
+        dataset_names=[d[1] for d in datasets],
+        num_classes=num_classes,
+        license_id=cfg.get('license'),
+        origin_url=cfg.get('origin_url'),
+        papers=papers,
+        labels=labels,
+        citations=[CITATIONS[c] for c in citations],
+        **figures,
+    )
+    text = str(card)
+    return text if text.endswith('\n') else text + '\n'
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _write_atomic(path: Path, text: str, force: bool) -> None:
+    """Write `text` to a temp file beside `path`, then move it into place (never over a file unless `force`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    try:
+        with os.fdopen(fd, 'w', encoding='utf-8', newline='') as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make the card private
+        if force:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails if `path` exists, even one created since we looked
+            except FileExistsError:
+                raise FileExistsError(f'{path} exists; pass --force (force=True) to overwrite it.') from None
+            except OSError:  # a filesystem without hard links
+                if path.exists():
+                    raise FileExistsError(f'{path} exists; pass --force (force=True) to overwrite it.') from None
+                os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_model_card(model_name: str, out: Union[str, Path], *, force: bool = False, **render_kwargs: Any) -> Path:
+    """Render the card of 'arch[.tag]' into the file `out`; an existing file is kept unless `force`."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f'{out} exists; pass --force (force=True) to overwrite it.')
+    _write_atomic(out, render_model_card(model_name, **render_kwargs), force)
+    return out
+
+
+def write_model_cards(out_dir: Union[str, Path, None] = None) -> List[Path]:
+    """Re-render the card of every `card_model_names()` tag into `out_dir` (default `model_cards/`)."""
+    paths = []
+    for name in card_model_names():
+        path = card_path(name, out_dir)
+        _write_atomic(path, render_model_card(name), force=True)
+        paths.append(path)
+    return paths
