@@ -7,5 +7,20 @@ __version__ = '0.1.0'
 
 MODEL_NAMES = tuple(default_cfgs)
 
+# The publishing API, imported on first use so that importing the package only registers models.
+_LAZY = {
+    'read_checkpoint': 'weights', 'model_from_checkpoint': 'weights',
+    'convert_checkpoint': 'hub', 'write_hub_folder': 'hub', 'validate_folder': 'hub', 'push_folder': 'hub',
+    'render_model_card': 'cards', 'write_model_cards': 'cards',
+    'model_stats': 'stats',
+}
+
 __all__ = ['DenseNet', 'DenseLayer', 'DenseBlock', 'DenseTransition', 'MODEL_NAMES', 'checkpoint_filter_fn',
-           'default_cfgs', '__version__']
+           'default_cfgs', '__version__', *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f'.{_LAZY[name]}', __name__), name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

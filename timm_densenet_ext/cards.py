@@ -1,6 +1,6 @@
 """Model cards: the Hub README.md of each pretrained tag, rendered from the registry and the model itself.
 
-The card's text is the Jinja2 template `model_cards/TEMPLATE.md`. Everything a card states about the model
+The card's text is the Jinja2 template `model_card_template.md` (linked from `model_cards/TEMPLATE.md`). Everything a card states about the model
 (statistics, preprocessing, feature pyramid, the shapes its usage code prints) is measured here from the model built
 on the meta device, so a card cannot drift from the code; the Hub metadata goes through huggingface_hub's
 `ModelCardData` and `ModelCard.from_template`. `timm-densenet-ext card --all` regenerates `model_cards/`.
@@ -23,7 +23,8 @@ __all__ = ['CARD_DIR', 'TEMPLATE_PATH', 'CITATIONS', 'card_model_names', 'card_p
            'write_model_card', 'write_model_cards']
 
 CARD_DIR = Path(__file__).resolve().parent.parent / 'model_cards'
-TEMPLATE_PATH = CARD_DIR / 'TEMPLATE.md'
+# the template ships inside the package (wheels render cards too); model_cards/TEMPLATE.md links to it
+TEMPLATE_PATH = Path(__file__).resolve().parent / 'model_card_template.md'
 
 CITATIONS = {
     'densenet': """@inproceedings{huang2017densely,

@@ -78,7 +78,7 @@ class DenseLayer(nn.Module):
             device=None,
             dtype=None,
     ) -> None:
-        dd = {'device': device, 'dtype': dtype}
+        dd = _factory_kwargs(device, dtype)
         super().__init__()
         self.norm1 = norm_layer(num_input_features, **dd)
         self.conv1 = nn.Conv2d(num_input_features, bn_size * growth_rate, 1, bias=False, **dd)
@@ -162,7 +162,7 @@ class DenseTransition(nn.Sequential):
             device=None,
             dtype=None,
     ) -> None:
-        dd = {'device': device, 'dtype': dtype}
+        dd = _factory_kwargs(device, dtype)
         super().__init__()
         self.add_module('norm', norm_layer(num_input_features, **dd))
         self.add_module('conv', nn.Conv2d(num_input_features, num_output_features, 1, bias=False, **dd))
@@ -170,6 +170,11 @@ class DenseTransition(nn.Sequential):
             self.add_module('pool', aa_layer(num_output_features, stride=2, **dd))
         else:
             self.add_module('pool', nn.AvgPool2d(kernel_size=2, stride=2))
+
+
+def _factory_kwargs(device, dtype) -> Dict[str, Any]:
+    """device/dtype for layer constructors, only when set: timm's layers take them from timm 1.0.20 on."""
+    return {k: v for k, v in (('device', device), ('dtype', dtype)) if v is not None}
 
 
 def _out_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -243,7 +248,7 @@ class DenseNet(nn.Module):
             raise ValueError(f'Unknown stem_type {stem_type!r}, expected one of {STEM_TYPES}.')
         if not 0. < compression <= 1.:
             raise ValueError(f'compression must be in (0, 1], got {compression}.')
-        dd = {'device': device, 'dtype': dtype}
+        dd = _factory_kwargs(device, dtype)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.growth_rate = growth_rate
@@ -379,16 +384,18 @@ class DenseNet(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """Replace the classifier (0 classes: none), optionally with another global pooling."""
-        param = next(self.parameters())
+        param = self.features.conv0.weight  # where and in what precision the model lives
         self.num_classes = num_classes
         if global_pool is None:
             global_pool = self.global_pool.pool_type
         self.global_pool, self.classifier = create_classifier(
-            self.num_features, num_classes, pool_type=global_pool, device=param.device, dtype=param.dtype)
+            self.num_features, num_classes, pool_type=global_pool)
+        self.classifier.to(device=param.device, dtype=param.dtype)
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
         self.global_pool.train(self.training)
         self.classifier.train(self.training)
 
+    @torch.jit.export
     def forward_intermediates(
             self,
             x: torch.Tensor,
@@ -404,7 +411,7 @@ class DenseNet(nn.Module):
         `norm` has no effect: the last tap is already normalised.
         """
         if output_fmt != 'NCHW':
-            raise ValueError(f"DenseNet returns NCHW feature maps only, got output_fmt={output_fmt!r}.")
+            raise ValueError(f"DenseNet returns NCHW feature maps only, got output_fmt='{output_fmt}'.")
         x = check_input(x, self.in_chans, self.min_input_size)
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.feature_ends), indices)
