@@ -17,7 +17,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from timm.layers import BlurPool2d
 
 from .stats import model_stats
-from .variants import default_cfgs
+from .variants import default_cfgs, resolve_model_name
 
 __all__ = ['CARD_DIR', 'TEMPLATE_PATH', 'CITATIONS', 'card_model_names', 'card_path', 'render_model_card',
            'write_model_card', 'write_model_cards']
@@ -134,19 +134,6 @@ def card_path(model_name: str, out_dir: Union[str, Path, None] = None) -> Path:
     return Path(out_dir or CARD_DIR) / f'{model_name}.md'
 
 
-def _resolve(model_name: str) -> Tuple[str, str]:
-    arch, _, tag = model_name.partition('.')
-    if arch not in default_cfgs:
-        raise ValueError(
-            f'unknown model {model_name!r}; `timm-densenet-ext list` shows the {len(default_cfgs)} variants.')
-    tags = default_cfgs[arch].tags
-    if not tag:
-        tag = tags[0]
-    elif tag not in tags:
-        raise ValueError(f'unknown pretrained tag {tag!r} for {arch}; its tags are: {", ".join(tags)}.')
-    return arch, tag
-
-
 def _size(input_size) -> str:
     return f'{input_size[-2]} x {input_size[-1]}'
 
@@ -207,7 +194,7 @@ def render_model_card(
     `repo_id` is the Hub repository the usage code loads (default the config's hf_hub_id); `weights_source` is a
     sentence saying where the weights came from (default from the tag's training recipe).
     """
-    arch, tag = _resolve(model_name)
+    arch, tag = resolve_model_name(model_name)
     name = f'{arch}.{tag}'
     registered = timm.models.get_pretrained_cfg(name).to_dict()
     cfg = {**registered, **(pretrained_cfg or {})}

@@ -14,7 +14,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch.nn as nn
 
-from .weights import _resolve_model_name, model_from_checkpoint, read_checkpoint
+from .variants import resolve_model_name
+from .weights import model_from_checkpoint, read_checkpoint
 
 __all__ = ['convert_checkpoint', 'write_hub_folder', 'validate_folder', 'upload_files', 'push_folder', 'PushResult']
 
@@ -145,7 +146,7 @@ def convert_checkpoint(
     Raises FileNotFoundError, FileExistsError or ValueError with a message naming the file and the fix.
     """
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    _resolve_model_name(model_name)
+    resolve_model_name(model_name)
     _check_out_dir(out_dir, force, source=checkpoint)
     ckpt = read_checkpoint(checkpoint, use_ema=use_ema)
     model = model_from_checkpoint(ckpt, model_name, num_classes=num_classes)
@@ -187,7 +188,7 @@ def validate_folder(folder: Union[str, Path], repo_id: Optional[str] = None) -> 
     arch = config.get('architecture') if isinstance(config, dict) else None
     if not isinstance(arch, str):
         raise ValueError(f'{folder / CONFIG_FILE}: names no architecture; write the folder again with convert.')
-    _resolve_model_name(arch)
+    resolve_model_name(arch)
     model_from_checkpoint(folder / WEIGHTS_FILE, arch, num_classes=config.get('num_classes'))
     try:  # the config as timm reads it, through timm's own loader
         timm.create_model(f'local-dir:{folder}', pretrained=True)

@@ -3,18 +3,20 @@
 The one place that names variants. Importing it registers them with timm, replacing timm's own entries of the
 same names.
 """
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
+from huggingface_hub import constants
+from huggingface_hub.errors import LocalEntryNotFoundError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import BlurPool2d
-from timm.models import build_model_with_cfg
+from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 from timm.models._registry import generate_default_cfgs, register_model
 
 from ._registry import release_names, relabel_module
 from .densenet import DenseNet
 from .weights import checkpoint_filter_fn
 
-__all__ = ['default_cfgs', 'CIFAR100_MEAN', 'CIFAR100_STD']
+__all__ = ['default_cfgs', 'resolve_model_name', 'CIFAR100_MEAN', 'CIFAR100_STD']
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
@@ -72,9 +74,19 @@ default_cfgs = generate_default_cfgs({
 release_names(default_cfgs)
 
 
+def resolve_model_name(model_name: str) -> Tuple[str, str]:
+    """(arch, tag) of a registered 'arch' (its default tag) or 'arch.tag'; a ValueError says what exists."""
+    arch, _, tag = model_name.partition('.')
+    if arch not in default_cfgs:
+        raise ValueError(
+            f'unknown model {model_name!r}; `timm-densenet-ext list` shows the {len(default_cfgs)} variants.')
+    tags = default_cfgs[arch].tags
+    if tag and tag not in tags:
+        raise ValueError(f'unknown pretrained tag {tag!r} for {arch}; its tags are: {", ".join(tags)}.')
+    return arch, tag or tags[0]
+
+
 def _create_densenet(variant: str, pretrained: bool = False, **kwargs) -> DenseNet:
-    from huggingface_hub import constants
-    from huggingface_hub.errors import LocalEntryNotFoundError
     try:
         return build_model_with_cfg(
             DenseNet,
@@ -88,7 +100,6 @@ def _create_densenet(variant: str, pretrained: bool = False, **kwargs) -> DenseN
         # huggingface_hub's own message names neither the repository nor a way out
         if not pretrained:
             raise
-        from timm.models import resolve_pretrained_cfg
         cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
         why = 'HF_HUB_OFFLINE is set' if constants.HF_HUB_OFFLINE else 'the Hub cannot be reached'
         raise LocalEntryNotFoundError(

@@ -205,20 +205,6 @@ def _matching_variants(state_dict: Dict[str, torch.Tensor], num_classes: int, in
     return found
 
 
-def _resolve_model_name(model_name: str):
-    """(arch, pretrained cfg) of a registered variant 'arch' or 'arch.tag', or a ValueError saying what exists."""
-    from .variants import default_cfgs
-    arch, _, tag = model_name.partition('.')
-    if arch not in default_cfgs:
-        raise ValueError(
-            f'unknown model {model_name!r}; `timm-densenet-ext list` shows the {len(default_cfgs)} DenseNet variants '
-            f'this tool converts.')
-    tags = default_cfgs[arch].tags
-    if tag and tag not in tags:
-        raise ValueError(f'unknown pretrained tag {tag!r} for {arch}; its tags are: {", ".join(tags)}.')
-    return arch, default_cfgs[arch].cfgs[tag or tags[0]]
-
-
 def model_from_checkpoint(
         checkpoint: Union[Checkpoint, str, Path],
         model_name: str,
@@ -232,7 +218,9 @@ def model_from_checkpoint(
     model in eval mode. Raises ValueError naming the file and what does not fit.
     """
     import timm
-    arch, cfg = _resolve_model_name(model_name)
+    from .variants import default_cfgs, resolve_model_name
+    arch, tag = resolve_model_name(model_name)
+    cfg = default_cfgs[arch].cfgs[tag]
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = read_checkpoint(checkpoint)
     path = checkpoint.path
