@@ -16,7 +16,7 @@ import torch
 from huggingface_hub import ModelCard, ModelCardData
 from timm.layers import BlurPool2d
 
-from .stats import model_stats
+from .stats import measure
 from .variants import default_cfgs, resolve_model_name
 
 __all__ = ['CARD_DIR', 'TEMPLATE_PATH', 'CITATIONS', 'card_model_names', 'card_path', 'render_model_card',
@@ -154,7 +154,7 @@ def _measure(name: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
         sizes.append(('test input size', cfg['test_input_size']))
     stats_rows = []
     for label, input_size in sizes:
-        s = model_stats(name, tuple(input_size), **model_args)
+        s = measure(model, tuple(input_size))
         stats_rows.append(dict(label=label, size=_size(input_size), params=f'{s.params:,}', gmacs=f'{s.gmacs:.2f}',
                                activations=f'{s.activations_m:.2f}'))
 
