@@ -11,31 +11,17 @@ from typing import Dict, List
 import pytest
 import timm
 import torch
-import torch.nn as nn
 from huggingface_hub import CommitInfo, HfApi, RepoUrl, constants
 from safetensors.torch import load_file
 
 import timm_densenet_ext  # noqa: F401  (registers the variants)
+from model_helpers import trained
 from timm_densenet_ext import hub
 from timm_densenet_ext.cli import main
 from timm_densenet_ext.hub import convert_checkpoint, push_folder, upload_files
 
 SMALL = 'densenet_bc_100_k12'
 REPO = 'me/bc10'
-
-
-def trained(model_name: str, seed: int = 0, **kwargs) -> nn.Module:
-    """A model in eval mode whose every tensor differs from a fresh one: random weights and BatchNorm statistics."""
-    torch.manual_seed(seed)
-    model = timm.create_model(model_name, **kwargs)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.normal_(1.0, 0.1)
-                m.bias.normal_(0.0, 0.1)
-                m.running_mean.normal_(0.0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return model.eval()
 
 
 def snapshot(folder: Path) -> Dict[str, bytes]:

@@ -1,42 +1,25 @@
 """Loading through timm's real loaders, offline: the Hub cache, local-dir: and hf-hub: folders, torchvision files."""
-import re
 from pathlib import Path
 
 import pytest
 import timm
 import torch
-import torch.nn as nn
 from huggingface_hub.errors import LocalEntryNotFoundError
 from timm.models import adapt_input_conv
 
 import timm_densenet_ext  # noqa: F401  (registers the variants)
 from hub_fixtures import add_to_hub_cache, add_weights_to_hub_cache
+from model_helpers import assert_same_tensors, legacy_tv_keys, trained
 from timm_densenet_ext.hub import convert_checkpoint
 
 SMALL = 'densenet_bc_100_k12'
 REPO = 'me/bc10'
 
 
-def trained(model: nn.Module, seed: int = 0) -> nn.Module:
-    """`model` in eval mode with random weights and BatchNorm statistics: every tensor differs from a fresh one."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.normal_(1.0, 0.1)
-                m.bias.normal_(0.0, 0.1)
-                m.running_mean.normal_(0.0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-            elif isinstance(m, (nn.Conv2d, nn.Linear)):
-                m.weight.normal_(0.0, 0.05)
-    return model.eval()
 
 
-def assert_same_tensors(actual: dict, expected: dict, skip=()) -> None:
-    assert sorted(actual) == sorted(expected)
-    for key, value in expected.items():
-        if key not in skip:
-            assert torch.equal(actual[key], value), key
+
+
 
 
 def test_cached_hub_weights_load_through_pretrained_true(hub_cache):
@@ -66,8 +49,7 @@ def test_legacy_torchvision_file_loads_through_pretrained_cfg_overlay(tmp_path):
     """An old torchvision .pth ('denselayer1.norm.1.weight', no num_batches_tracked) gives torchvision's outputs."""
     import torchvision
     tv = trained(torchvision.models.densenet121())
-    legacy = {re.sub(r'(denselayer\d+\.(?:norm|conv))([12])\.', r'\1.\2.', k): v
-              for k, v in tv.state_dict().items() if not k.endswith('num_batches_tracked')}
+    legacy = legacy_tv_keys(tv.state_dict())
     assert 'features.denseblock4.denselayer16.conv.2.weight' in legacy
     path = tmp_path / 'densenet121-a639ec97.pth'
     torch.save(legacy, path, _use_new_zipfile_serialization=False)

@@ -3,6 +3,7 @@ import pytest
 import timm
 import torch
 
+from model_helpers import legacy_tv_keys
 from timm_densenet_ext.parity import compare, randomize_, reference_builders
 from timm_densenet_ext.weights import checkpoint_filter_fn
 
@@ -42,13 +43,7 @@ def test_legacy_torchvision_checkpoint_loads_via_pretrained(tmp_path):
     """Keys like 'denselayer1.norm.1.weight' and no num_batches_tracked, as torchvision's first release saved."""
     import torchvision
     source = randomize_(torchvision.models.densenet121(), seed=3).eval()
-    legacy = {}
-    for key, value in source.state_dict().items():
-        if key.endswith('num_batches_tracked'):
-            continue
-        for part in ('norm1', 'relu1', 'conv1', 'norm2', 'relu2', 'conv2'):
-            key = key.replace(f'.{part}.', f'.{part[:-1]}.{part[-1]}.')
-        legacy[key] = value
+    legacy = legacy_tv_keys(source.state_dict())
     assert 'features.denseblock1.denselayer1.norm.1.weight' in legacy
     path = tmp_path / 'densenet121-legacy.pth'
     torch.save(legacy, path)

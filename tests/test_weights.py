@@ -3,7 +3,7 @@ import argparse
 import os
 import re
 from pathlib import Path
-from typing import List, Union
+from typing import List
 
 import pytest
 import timm
@@ -12,47 +12,17 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 import timm_densenet_ext  # noqa: F401  (registers the variants)
+from model_helpers import assert_same_tensors, legacy_tv_keys, trained
 from timm_densenet_ext.cli import main
 from timm_densenet_ext.weights import Checkpoint, checkpoint_filter_fn, model_from_checkpoint, read_checkpoint
 
 SMALL = 'densenet_bc_100_k12'
 
 
-def trained(model: Union[str, nn.Module], seed: int = 0, **kwargs) -> nn.Module:
-    """A model in eval mode whose every tensor differs from a fresh one: random weights and BatchNorm statistics."""
-    torch.manual_seed(seed)
-    model = timm.create_model(model, **kwargs) if isinstance(model, str) else model
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.normal_(1.0, 0.1)
-                m.bias.normal_(0.0, 0.1)
-                m.running_mean.normal_(0.0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                m.num_batches_tracked.fill_(7)
-    return model.eval()
-
-
-def assert_same_tensors(actual: dict, expected: dict) -> None:
-    assert sorted(actual) == sorted(expected)
-    for key, value in expected.items():
-        assert torch.equal(actual[key], value), key
-
-
 @pytest.fixture(scope='module')
 def source() -> nn.Module:
     return trained(SMALL, num_classes=10)
 
-
-def _legacy_tv_keys(state_dict: dict) -> dict:
-    """torchvision < 0.4's layout: 'denselayer1.norm.1.weight' for 'denselayer1.norm1.weight', and no
-    num_batches_tracked."""
-    out = {}
-    for key, value in state_dict.items():
-        if key.endswith('num_batches_tracked'):
-            continue
-        out[re.sub(r'(denselayer\d+\.(?:norm|conv))([12])\.', r'\1.\2.', key)] = value
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -142,7 +112,7 @@ def torchvision_densenet121():
 @pytest.mark.parametrize('legacy', [False, True], ids=['current-keys', 'legacy-keys'])
 def test_torchvision_checkpoint_gives_torchvision_outputs(tmp_path, torchvision_densenet121, legacy):
     tv_state_dict, x, tv_out = torchvision_densenet121
-    state_dict = _legacy_tv_keys(tv_state_dict) if legacy else tv_state_dict
+    state_dict = legacy_tv_keys(tv_state_dict) if legacy else tv_state_dict
     assert ('features.denseblock1.denselayer1.norm.1.weight' in state_dict) == legacy
     path = tmp_path / 'densenet121-a639ec97.pth'
     torch.save(state_dict, path)

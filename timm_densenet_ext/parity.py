@@ -31,7 +31,7 @@ def reference_builders(name: str) -> Dict[str, Callable[[], nn.Module]]:
 
 @torch.no_grad()
 def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every parameter and BN statistic a random value, so that outputs exercise every weight."""
+    """Give every parameter and BN statistic a random value (so outputs exercise every weight), and BN a batch count."""
     gen = torch.Generator().manual_seed(seed)
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
@@ -39,6 +39,8 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
             module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.1)
             module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=gen) * 0.1)
             module.running_var.copy_(torch.rand(module.running_var.shape, generator=gen) + 0.5)
+            if module.num_batches_tracked is not None:
+                module.num_batches_tracked.fill_(7)  # any count a fresh layer does not have
         elif isinstance(module, (nn.Conv2d, nn.Linear)):
             fan_in = module.weight[0].numel()
             module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * (2. / fan_in) ** 0.5)
@@ -79,7 +81,6 @@ def main(argv=None) -> None:
     parser.add_argument('--sizes', type=int, nargs='+', default=[64, 224])
     parser.add_argument('--models', nargs='+', default=list(timm_densenet_ext.MODEL_NAMES))
     args = parser.parse_args(argv)
-    torch.set_num_threads(torch.get_num_threads())
     print(f'{"model":<20}{"size":>5}  {"reference":<12}{"max abs diff":>14}{"output scale":>14}  same keys')
     for name in args.models:
         if not reference_builders(name):
