@@ -181,18 +181,30 @@ def _measure(name: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
     )
 
 
+def _eval_results(repo_id: str, training: Dict[str, Any]) -> Dict[str, Any]:
+    """The measured validation accuracy as the Hub's model-index metadata (huggingface_hub's EvalResult)."""
+    from huggingface_hub import EvalResult
+    return dict(model_name=repo_id.split('/')[-1], eval_results=[EvalResult(
+        task_type='image-classification', dataset_type='imagefolder', dataset_name=training['data_name'],
+        dataset_split='validation', metric_type='accuracy', metric_name='Validation accuracy',
+        metric_value=round(training['val_accuracy'], 4))])
+
+
 def render_model_card(
         model_name: str,
         *,
         repo_id: Optional[str] = None,
         pretrained_cfg: Optional[dict] = None,
         weights_source: Optional[str] = None,
+        training: Optional[Dict[str, Any]] = None,
 ) -> str:
     """The model card (Hub README.md: YAML metadata, then markdown) of 'arch' or 'arch.tag'.
 
     `pretrained_cfg` overrides the registered config (e.g. num_classes and label_names of a fine-tuned checkpoint);
     `repo_id` is the Hub repository the usage code loads (default the config's hf_hub_id); `weights_source` is a
-    sentence saying where the weights came from (default from the tag's training recipe).
+    sentence saying where the weights came from (default from the tag's training recipe). `training` (from
+    `finetune`: data, classes, image counts, recipe lines, per-epoch history, best epoch and its validation accuracy)
+    adds a Training section and the accuracy to the card's metadata as an evaluation result.
     """
     arch, tag = resolve_model_name(model_name)
     name = f'{arch}.{tag}'
@@ -245,6 +257,7 @@ def render_model_card(
         datasets=[d[0] for d in datasets] or None,
         pipeline_tag='image-classification',
         base_model=registered['hf_hub_id'] if fine_tuned and registered.get('hf_hub_id') else None,
+        **(_eval_results(repo_id, training) if training else {}),
     )
     card = ModelCard.from_template(
         card_data,
@@ -264,6 +277,7 @@ def render_model_card(
         papers=papers,
         labels=labels,
         citations=[CITATIONS[c] for c in citations],
+        training=training,
         **figures,
     )
     text = str(card)

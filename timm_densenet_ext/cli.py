@@ -6,6 +6,7 @@ Each subcommand parses its arguments and calls one public function. Errors the u
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 __all__ = ['main', 'CliError', 'list_models_table', 'model_info']
@@ -97,7 +98,8 @@ def _cmd_info(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog='timm-densenet-ext', description='DenseNet variants for timm: inspect, convert, publish.')
+        prog='timm-densenet-ext',
+        description='DenseNet variants for timm: classify, fine-tune, export, inspect, convert, publish.')
     sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
 
     p = sub.add_parser('list', help='table of every variant: parameters, GMACs, pretrained tags')
@@ -206,14 +208,125 @@ def _add_convert_push(sub: argparse._SubParsersAction) -> None:
 _EXTRA_COMMANDS.append(_add_convert_push)
 
 
+def _add_weights_args(p: argparse.ArgumentParser, what: str) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument('--pretrained', action='store_true', help=f"{what} the Hub's weights of the variant's tag")
+    group.add_argument('--weights', metavar='PATH', help=f'{what} the weights of a checkpoint file (any format convert reads)')
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import predict
+    results = predict(args.model, args.images, pretrained=args.pretrained, weights=args.weights, top_k=args.top_k)
+    if args.json:
+        print(json.dumps([dict(path=r.path, error=r.error, top=[
+            dict(index=i, label=label, probability=p) for i, label, p in r.top]) for r in results], indent=2))
+    else:
+        for r in results:
+            if r.error is None:
+                print(r.path)
+                for _, label, p in r.top:
+                    print(f'  {100 * p:6.2f}%  {label}')
+    for r in results:
+        if r.error is not None:
+            print(f'timm-densenet-ext predict: error: {r.error}', file=sys.stderr)
+    return 2 if any(r.error for r in results) else 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from .finetune import STATE_FILE, finetune
+    try:
+        result = finetune(
+            args.model, args.data, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+            weight_decay=args.weight_decay, img_size=args.img_size, hflip=args.hflip, scale=args.scale,
+            seed=args.seed, pretrained=args.pretrained, weights=args.weights, resume=args.resume, force=args.force,
+            repo_id=args.repo_id)
+    except KeyboardInterrupt:
+        state = Path(args.out) / STATE_FILE
+        if state.is_file():
+            print(f'\ninterrupted: {state} holds the last finished epoch; continue with the same command and '
+                  f'--resume.', file=sys.stderr)
+        return 130
+    print(f'wrote {result.out_dir}: epoch {result.best_epoch}, validation accuracy {100 * result.val_accuracy:.2f}% '
+          f'({result.val_correct}/{result.val_images}):')
+    from .hub import upload_files
+    _print_files(upload_files(result.out_dir))
+    print(f"load it: timm.create_model('local-dir:{result.out_dir}', pretrained=True); publish it: "
+          f"timm-densenet-ext push {result.out_dir} --repo-id {args.repo_id or 'ORG/NAME'}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from .export import CHECK_BATCH_SIZES, export_model
+    result = export_model(args.model, args.format, args.out, pretrained=args.pretrained, weights=args.weights,
+                          force=args.force)
+    size = 'x'.join(str(s) for s in result.input_size)
+    runtime = {'onnx': 'onnxruntime', 'torchscript': 'torch.jit.load', 'exported-program': 'torch.export.load'}
+    print(f'wrote {result.path} ({result.format}, {result.size_bytes / 1e6:.1f} MB), input (batch, {size}) with a '
+          f'dynamic batch axis; loaded with {runtime[result.format]}, it matches PyTorch to '
+          f'{result.max_abs_diff:.1e} at batch sizes {" and ".join(map(str, CHECK_BATCH_SIZES))}.')
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+    recipe = {'epochs': args.epochs} if args.epochs else {}
+    run_demo(args.out, force=args.force, **recipe)
+
+
+def _add_workflows(sub: argparse._SubParsersAction) -> None:
+    model_help = ("a variant (densenet121, densenet121.tv_in1k), or a hub folder local-dir:DIR (from convert or "
+                  "finetune), which brings its own weights and class names")
+    p = sub.add_parser('predict', help='classify images: top-k class names and probabilities')
+    p.add_argument('model', metavar='MODEL', help=model_help)
+    p.add_argument('images', nargs='+', metavar='IMAGE', help='image files')
+    _add_weights_args(p, 'classify with')
+    p.add_argument('--top-k', type=int, default=5, metavar='K', help='classes shown per image (default 5)')
+    p.add_argument('--json', action='store_true', help='print JSON instead of text')
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser('finetune', help='fine-tune on an image folder (DIR/train, DIR/val) and write a hub folder')
+    p.add_argument('--model', metavar='MODEL', help=model_help + '; the classifier is reset to the data\'s classes')
+    p.add_argument('--data', metavar='DIR', help='holds train/ and val/, one sub-folder of images per class')
+    p.add_argument('--out', required=True, metavar='DIR', help='the hub folder to write (the best epoch)')
+    _add_weights_args(p, 'start from')
+    p.add_argument('--epochs', type=int, metavar='N', help='epochs (default 10)')
+    p.add_argument('--batch-size', type=int, metavar='B', help='batch size (default 32)')
+    p.add_argument('--lr', type=float, metavar='LR', help='AdamW peak learning rate, cosine schedule (default 1e-3)')
+    p.add_argument('--weight-decay', type=float, metavar='WD', help='AdamW weight decay (default 0.05)')
+    p.add_argument('--img-size', type=int, metavar='PX', help="train and record this input size (default: the model's)")
+    p.add_argument('--hflip', type=float, metavar='P', help='horizontal flip probability (default 0.5)')
+    p.add_argument('--scale', type=float, nargs=2, metavar=('MIN', 'MAX'),
+                   help='random-resized crop area range (default 0.08 1.0)')
+    p.add_argument('--seed', type=int, metavar='S', help='seed of the classifier, batches and augmentation (default 0)')
+    p.add_argument('--repo-id', metavar='ORG/NAME', help="the Hub repository the card's usage code loads")
+    p.add_argument('--resume', action='store_true', help='continue the interrupted run in --out')
+    p.add_argument('--force', action='store_true', help='replace an existing --out (kept if the run fails)')
+    p.set_defaults(func=_cmd_finetune)
+
+    p = sub.add_parser('export', help='export to ONNX, TorchScript or torch.export, checked against PyTorch')
+    p.add_argument('model', metavar='MODEL', help=model_help)
+    p.add_argument('--format', required=True, choices=('onnx', 'torchscript', 'exported-program'))
+    p.add_argument('--out', required=True, metavar='FILE', help='the file to write')
+    _add_weights_args(p, 'export')
+    p.add_argument('--force', action='store_true', help='replace an existing FILE')
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser('demo', help="offline: fine-tune DenseNet-BC on scikit-learn's digits, reload and measure it")
+    p.add_argument('--out', default='densenet-demo', metavar='DIR', help='where data/ and model/ go (default densenet-demo)')
+    p.add_argument('--epochs', type=int, metavar='N', help='fewer epochs for a quick look (default: the demo recipe)')
+    p.add_argument('--force', action='store_true', help='replace data/ and model/ of an earlier run in DIR')
+    p.set_defaults(func=_cmd_demo)
+
+
+_EXTRA_COMMANDS.append(_add_workflows)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
-    except (CliError, ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:
+        return args.func(args) or 0
+    except (CliError, ValueError, FileNotFoundError, FileExistsError, PermissionError, ImportError) as e:
         print(f'timm-densenet-ext {args.command}: error: {e}', file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == '__main__':

@@ -10,14 +10,15 @@ import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 
 from .variants import resolve_model_name
 from .weights import model_from_checkpoint, read_checkpoint
 
-__all__ = ['convert_checkpoint', 'write_hub_folder', 'validate_folder', 'upload_files', 'push_folder', 'PushResult']
+__all__ = ['convert_checkpoint', 'write_hub_folder', 'check_out_dir', 'validate_folder', 'upload_files', 'push_folder',
+           'PushResult']
 
 WEIGHTS_FILE = 'model.safetensors'
 CONFIG_FILE = 'config.json'
@@ -29,7 +30,7 @@ _HF_HUB_REF = re.compile(r'hf-hub:([\w.\-]+/[\w.\-]+)')
 _LOGIN_HINT = 'log in with `hf auth login`, or set HF_TOKEN to a token with write access'
 
 
-def _check_out_dir(out_dir: Path, force: bool, source: Optional[Path] = None) -> None:
+def check_out_dir(out_dir: Path, force: bool, source: Optional[Path] = None) -> None:
     """Refuse to write where files would be lost: a file, a folder with contents (unless `force`), or with `force` a
     folder that is not a flat hub folder or that holds the source checkpoint."""
     if not (out_dir.exists() or out_dir.is_symlink()):
@@ -94,30 +95,37 @@ def write_hub_folder(
         weights_source: Optional[str] = None,
         repo_id: Optional[str] = None,
         force: bool = False,
+        label_names: Optional[Sequence[str]] = None,
+        data_config: Optional[Dict[str, Any]] = None,
+        training: Optional[Dict[str, Any]] = None,
 ) -> Path:
     """Write `model` as a hub folder: model.safetensors and config.json (timm's `save_for_hf`) and the model card.
 
     `model_name` ('arch' or 'arch.tag') selects the card; `repo_id` is the repository its usage code loads
-    (default 'YOUR-ORG/<folder name>'). Everything is written to a temporary folder beside `out_dir`, then renamed:
-    a failed write leaves `out_dir` as it was. An existing non-empty `out_dir` is replaced only with `force`.
+    (default 'YOUR-ORG/<folder name>'). `label_names` names the classes in config.json (default: ImageNet's, for a
+    model with ImageNet's classes); `data_config` is the preprocessing the weights were trained for, where it differs
+    from the model's pretrained config (e.g. `{'input_size': (3, 16, 16)}`); `training` is what the card's Training
+    section records (`finetune` writes it). Everything is written to a temporary folder beside `out_dir`, then
+    renamed: a failed write leaves `out_dir` as it was. An existing non-empty `out_dir` is replaced only with `force`.
     """
     from timm.models import save_for_hf
 
     from .cards import render_model_card
     out_dir = Path(out_dir)
-    _check_out_dir(out_dir, force)
+    check_out_dir(out_dir, force)
     target = out_dir.absolute()  # a name to put the temporary folder beside, also for '.'
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f'.{target.name}.{secrets.token_hex(4)}.tmp')
     staging.mkdir()
     try:
-        save_for_hf(model, str(staging), model_config=_label_config(model), safe_serialization=True)
+        labels = dict(label_names=list(label_names)) if label_names else _label_config(model)
+        save_for_hf(model, str(staging), model_config=labels, data_config=data_config, safe_serialization=True)
         config = json.loads((staging / CONFIG_FILE).read_text())
         card_cfg = dict(config['pretrained_cfg'])
         card_cfg.update({k: config[k] for k in ('label_names', 'label_descriptions') if k in config})
         card = render_model_card(
             model_name, repo_id=repo_id or f'{PLACEHOLDER_ORG}/{target.name}', pretrained_cfg=card_cfg,
-            weights_source=weights_source)
+            weights_source=weights_source, training=training)
         (staging / CARD_FILE).write_text(card, encoding='utf-8')
         _chmod_default(staging)
         _swap_in(staging, target)
@@ -147,7 +155,7 @@ def convert_checkpoint(
     """
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     resolve_model_name(model_name)
-    _check_out_dir(out_dir, force, source=checkpoint)
+    check_out_dir(out_dir, force, source=checkpoint)
     ckpt = read_checkpoint(checkpoint, use_ema=use_ema)
     model = model_from_checkpoint(ckpt, model_name, num_classes=num_classes)
     source = f'Converted with `timm-densenet-ext convert` from {ckpt.describe()}, `{checkpoint.name}`.'

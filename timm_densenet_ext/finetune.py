@@ -1,0 +1,382 @@
+"""Fine-tune a DenseNet on an image folder and write the best epoch as a hub folder.
+
+The data is torchvision's `ImageFolder` layout, DIR/train/CLASS/*.png and DIR/val/CLASS/*.png; the transforms are
+timm's (`create_transform` from the model's pretrained config), the optimiser timm's AdamW (`create_optimizer_v2`)
+on timm's per-step cosine schedule with warmup (`CosineLRScheduler`). The result is written by
+`hub.write_hub_folder`, the code path of `convert`: model.safetensors, config.json with the class names as
+`label_names`, and a model card recording the data, the recipe and the measured accuracy.
+
+Resumable: after every epoch the run's state is saved as OUT/.finetune-state.pth (a hidden file, so `push` leaves it
+out); `resume=True` continues from it, and the finished hub folder replaces it.
+"""
+import copy
+import dataclasses
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .hub import check_out_dir, write_hub_folder
+from .loading import HUB_PREFIXES, load_model, model_card_name
+from .variants import default_cfgs, resolve_model_name
+
+__all__ = ['Recipe', 'FinetuneResult', 'STATE_FILE', 'image_folders', 'finetune', 'evaluate']
+
+STATE_FILE = '.finetune-state.pth'
+_STATE_FORMAT = 'timm-densenet-ext finetune state 1'
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The training settings; a resumed run keeps those it started with."""
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: int = 1
+    img_size: Optional[int] = None  # default: the model's pretrained input size
+    hflip: float = 0.5
+    scale: Tuple[float, float] = (0.08, 1.0)  # of timm's random-resized crop
+    color_jitter: float = 0.4
+    label_smoothing: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self):
+        checks = [
+            (self.epochs >= 1, f'--epochs {self.epochs}: give 1 or more.'),
+            (self.batch_size >= 1, f'--batch-size {self.batch_size}: give 1 or more.'),
+            (self.lr > 0, f'--lr {self.lr}: give a learning rate above 0.'),
+            (self.weight_decay >= 0, f'--weight-decay {self.weight_decay}: give 0 or more.'),
+            (self.img_size is None or self.img_size >= 1, f'--img-size {self.img_size}: give a size in pixels.'),
+            (0 <= self.hflip <= 1, f'--hflip {self.hflip}: give a probability from 0 to 1.'),
+            (0 < self.scale[0] <= self.scale[1] <= 1, f'--scale {self.scale}: give 0 < MIN <= MAX <= 1.'),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    """Where the hub folder went, its classes, and how each epoch went (`history`: one dict per epoch)."""
+    out_dir: Path
+    model_name: str
+    classes: List[str]
+    train_images: int
+    val_images: int
+    best_epoch: int
+    val_accuracy: float  # of the best epoch, the one written, as a fraction
+    val_correct: int
+    history: List[Dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0  # training and evaluation time of this call (a resumed run: since resuming)
+
+
+def image_folders(data_dir: Union[str, Path]) -> Tuple[Path, Path, List[str]]:
+    """DIR/train and DIR/val, and the class names (sub-folder names) they share; ValueError says what is wrong."""
+    from torchvision.datasets.folder import find_classes
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f'{data_dir}: no such folder; give --data the folder that holds train/ and val/.')
+    layout = 'DIR/train/CLASS/IMAGE and DIR/val/CLASS/IMAGE, one sub-folder per class'
+    classes = {}
+    for split in ('train', 'val'):
+        folder = data_dir / split
+        if not folder.is_dir():
+            raise FileNotFoundError(f'{data_dir}: has no {split}/ folder; arrange the images as {layout}.')
+        try:
+            classes[split] = find_classes(str(folder))[0]
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f'{folder}: holds no class sub-folders; arrange the images as {layout}.') from None
+    if classes['train'] != classes['val']:
+        only_train = sorted(set(classes['train']) - set(classes['val']))
+        only_val = sorted(set(classes['val']) - set(classes['train']))
+        diff = '; '.join(part for part in (
+            f'only in train/: {", ".join(only_train[:5])}' if only_train else '',
+            f'only in val/: {", ".join(only_val[:5])}' if only_val else '') if part)
+        raise ValueError(f'{data_dir}: train/ and val/ have different classes ({diff}); give both the same '
+                         f'class sub-folders.')
+    if len(classes['train']) < 2:
+        raise ValueError(f'{data_dir}: has {len(classes["train"])} class; a classifier needs 2 or more.')
+    return data_dir / 'train', data_dir / 'val', classes['train']
+
+
+def _datasets(train_dir: Path, val_dir: Path, model: nn.Module, recipe: Recipe):
+    import timm
+    from torchvision.datasets import ImageFolder
+    overrides = {'input_size': (3, recipe.img_size, recipe.img_size)} if recipe.img_size else {}
+    data_config = timm.data.resolve_data_config(overrides, model=model)
+    train_tf = timm.data.create_transform(
+        **data_config, is_training=True, hflip=recipe.hflip, scale=recipe.scale, color_jitter=recipe.color_jitter)
+    val_tf = timm.data.create_transform(**data_config)
+    datasets = []
+    for folder, transform in ((train_dir, train_tf), (val_dir, val_tf)):
+        try:
+            datasets.append(ImageFolder(str(folder), transform=transform))
+        except FileNotFoundError as e:  # a class folder without a single image file
+            raise FileNotFoundError(f'{folder}: {str(e).split(". ")[0]}; put images in every class folder.') from None
+    return datasets[0], datasets[1], data_config
+
+
+def evaluate(model: nn.Module, dataset, batch_size: int = 64, progress: Optional[bool] = None) -> Tuple[int, int]:
+    """(correct, total) top-1 predictions of `model` (put in eval mode) over a labelled dataset."""
+    from tqdm.auto import tqdm
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    correct = 0
+    with torch.no_grad():
+        for images, targets in tqdm(loader, desc='validate', leave=False, disable=_disable(progress), unit='batch'):
+            correct += (model(images).argmax(dim=1) == targets).sum().item()
+    return correct, len(dataset)
+
+
+def _disable(progress: Optional[bool]) -> Optional[bool]:
+    # tqdm's disable=None: bars only on a terminal
+    return None if progress is None else not progress
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f'{path.name}.tmp')
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)  # timm's random-resized crop and flips
+    torch.manual_seed(seed)
+
+
+def _base_description(model_name: str, pretrained: bool, weights: Optional[str]) -> str:
+    """Where the starting weights came from, for the log and the model card."""
+    if model_name.startswith(HUB_PREFIXES):
+        return f'`{model_name}`'
+    if weights:
+        return f'the checkpoint `{Path(weights).name}`'
+    if pretrained:
+        arch, tag = resolve_model_name(model_name)
+        return f'`{default_cfgs[arch].cfgs[tag].hf_hub_id}`'
+    return 'random initialisation (no pretrained weights)'
+
+
+def _load_state(out_dir: Path) -> Dict[str, Any]:
+    path = out_dir / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f'{out_dir}: holds no interrupted run ({STATE_FILE}) to resume; start it without --resume.')
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise ValueError(f'{path}: cannot be read ({type(e).__name__}); start the run again with --force.') from None
+    if not isinstance(state, dict) or state.get('format') != _STATE_FORMAT:
+        raise ValueError(f'{path}: not a finetune state file; start the run again with --force.')
+    return state
+
+
+def _resumed_settings(state: Dict[str, Any], given: Dict[str, Any], out_dir: Path) -> None:
+    """Refuse settings that differ from the interrupted run's: its schedule and classes would no longer hold."""
+    for name, value in given.items():
+        saved = state['run'].get(name) if name in state['run'] else state['recipe'].get(name)
+        if isinstance(saved, list):
+            saved = tuple(saved)
+        if value is not None and value != saved:
+            flag = '--' + name.replace('_', '-')
+            raise ValueError(
+                f'{flag} {value} differs from the interrupted run in {out_dir} ({saved}); resume with the same '
+                f'settings, or start again with --force.')
+
+
+def _training_record(
+        result_history: List[Dict[str, float]], best: Dict[str, Any], classes: Sequence[str], recipe: Recipe,
+        data_config: Dict[str, Any], data_name: str, data_text: str, base: str, train_n: int, val_n: int,
+) -> Dict[str, Any]:
+    size = data_config['input_size']
+    return dict(
+        data_name=data_name,
+        data=data_text,
+        classes=list(classes),
+        train_images=train_n,
+        val_images=val_n,
+        base=base,
+        recipe=[
+            f'{recipe.epochs} epochs, batch size {recipe.batch_size}, from {base}',
+            f'AdamW (timm `create_optimizer_v2`), learning rate {recipe.lr:g}, weight decay {recipe.weight_decay:g}',
+            f'cosine schedule stepped per batch with {recipe.warmup_epochs} warmup epoch'
+            f'{"s" if recipe.warmup_epochs != 1 else ""} (timm `CosineLRScheduler`)',
+            f'cross-entropy with label smoothing {recipe.label_smoothing:g}',
+            f'input {size[1]} x {size[2]}; timm training transform: random-resized crop, scale '
+            f'{tuple(recipe.scale)}, horizontal flip {recipe.hflip:g}, colour jitter {recipe.color_jitter:g}; '
+            f'validation: `resolve_data_config` / `create_transform` as in Preprocessing below',
+            f'seed {recipe.seed}',
+        ],
+        best_epoch=best['epoch'],
+        epochs=recipe.epochs,
+        val_accuracy=best['accuracy'],
+        val_correct=best['correct'],
+        history=[dict(epoch=h['epoch'], train_loss=f'{h["train_loss"]:.4f}',
+                      val_accuracy=f'{100 * h["val_accuracy"]:.2f}%') for h in result_history],
+    )
+
+
+def finetune(
+        model_name: Optional[str],
+        data_dir: Union[str, Path, None],
+        out_dir: Union[str, Path],
+        *,
+        epochs: Optional[int] = None,
+        batch_size: Optional[int] = None,
+        lr: Optional[float] = None,
+        weight_decay: Optional[float] = None,
+        img_size: Optional[int] = None,
+        hflip: Optional[float] = None,
+        scale: Optional[Tuple[float, float]] = None,
+        seed: Optional[int] = None,
+        pretrained: bool = False,
+        weights: Union[str, Path, None] = None,
+        resume: bool = False,
+        force: bool = False,
+        repo_id: Optional[str] = None,
+        data_name: Optional[str] = None,
+        data_description: Optional[str] = None,
+        progress: Optional[bool] = None,
+        log: Callable[[str], None] = print,
+) -> FinetuneResult:
+    """Fine-tune `model_name` on the image folders `data_dir`/train and `data_dir`/val; write the best epoch
+    (highest validation accuracy) as a hub folder `out_dir`.
+
+    The model is loaded by `loading.load_model` (`pretrained`, `weights` or a 'local-dir:DIR' hub folder; with
+    neither, a variant starts from random weights) and its classifier reset to the folders' classes. Settings left
+    None take `Recipe`'s defaults, or the interrupted run's with `resume`, which continues from the state saved in
+    `out_dir` after its last finished epoch (a setting that differs from that run's is refused). An existing
+    non-empty `out_dir` is replaced only with `force`. `progress`: bars on stderr (None: when it is a terminal).
+    `data_name` and `data_description` name and describe the data in the model card (default: the folder). Returns a `FinetuneResult`; raises ValueError,
+    FileNotFoundError or FileExistsError with a message naming the thing and the fix.
+    """
+    import timm
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import CosineLRScheduler
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    given = dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, img_size=img_size,
+                 hflip=hflip, scale=tuple(scale) if scale is not None else None, seed=seed)
+    if resume:
+        if force:
+            raise ValueError('give --resume to continue an interrupted run, or --force to start it again, not both.')
+        state = _load_state(out_dir)
+        _resumed_settings(state, dict(given, model_name=model_name, pretrained=pretrained or None,
+                                      weights=str(weights) if weights else None), out_dir)
+        run = state['run']
+        model_name, pretrained, weights = run['model_name'], run['pretrained'], run['weights']
+        data_dir = Path(data_dir) if data_dir is not None else Path(run['data_dir'])
+        check_out_dir(out_dir, True)  # the finished folder replaces this one: only flat hub-folder files in it
+        recipe = Recipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in state['recipe'].items()})
+    else:
+        if not model_name or data_dir is None:
+            raise ValueError('give --model and --data (or --resume, to continue an interrupted run in --out).')
+        if (out_dir / STATE_FILE).is_file() and not force:
+            raise FileExistsError(
+                f'{out_dir}: holds an interrupted run; pass --resume to continue it, or --force to start again.')
+        check_out_dir(out_dir, force)
+        recipe = Recipe(**{k: v for k, v in given.items() if v is not None})
+        state = None
+    data_dir = Path(data_dir)
+    train_dir, val_dir, classes = image_folders(data_dir)
+    if state is not None and list(state['classes']) != classes:
+        raise ValueError(
+            f'{data_dir}: its classes ({", ".join(classes[:5])}{", ..." if len(classes) > 5 else ""}) are not the '
+            f'interrupted run\'s ({", ".join(state["classes"][:5])}{", ..." if len(state["classes"]) > 5 else ""}); '
+            f'give --data the folder it was started on, or start again with --force.')
+
+    _seed_everything(recipe.seed)
+    model = load_model(model_name, pretrained=pretrained, weights=weights, require_weights=False)
+    card_name = model_card_name(model)
+    model.reset_classifier(len(classes))
+    train_set, val_set, data_config = _datasets(train_dir, val_dir, model, recipe)
+    if len(train_set) == 0 or len(val_set) == 0:
+        raise ValueError(f'{data_dir}: train/ or val/ holds no images; put images in every class folder.')
+
+    optimizer = create_optimizer_v2(model, 'adamw', lr=recipe.lr, weight_decay=recipe.weight_decay)
+    drop_last = len(train_set) > recipe.batch_size
+    steps = len(train_set) // recipe.batch_size if drop_last else 1
+    total_steps = recipe.epochs * steps
+    warmup = min(recipe.warmup_epochs * steps, total_steps - 1)
+    scheduler = CosineLRScheduler(
+        optimizer, t_initial=total_steps, lr_min=recipe.lr * 1e-2, warmup_t=warmup,
+        warmup_lr_init=recipe.lr * 1e-2, t_in_epochs=False)
+    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+
+    base = _base_description(model_name, pretrained, str(weights) if weights else None)
+    if state is None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        run = dict(model_name=model_name, pretrained=pretrained, weights=str(weights) if weights else None,
+                   data_dir=str(data_dir))
+        state = dict(format=_STATE_FORMAT, run=run, recipe=dataclasses.asdict(recipe), classes=classes, epoch=0,
+                     history=[], best=dict(epoch=0, accuracy=-1.0, correct=0, state_dict=None))
+        _save_atomic(dict(state, model=model.state_dict(), optimizer=optimizer.state_dict()), out_dir / STATE_FILE)
+    else:
+        model.load_state_dict(state['model'])
+        optimizer.load_state_dict(state['optimizer'])
+        log(f'resuming {out_dir} after epoch {state["epoch"]} of {recipe.epochs}')
+
+    size = data_config['input_size']
+    log(f'fine-tuning {model_name} from {base} on {data_dir}: {len(classes)} classes, {len(train_set)} training and '
+        f'{len(val_set)} validation images at {size[1]} x {size[2]}; {recipe.epochs} epochs, batch size '
+        f'{recipe.batch_size}, AdamW lr {recipe.lr:g}')
+    history, best = list(state['history']), dict(state['best'])
+    started = time.perf_counter()
+    for epoch in range(state['epoch'] + 1, recipe.epochs + 1):
+        epoch_start = time.perf_counter()
+        _seed_everything(recipe.seed + epoch)  # the same batches and augmentations whether resumed or not
+        loader = torch.utils.data.DataLoader(
+            train_set, batch_size=recipe.batch_size, shuffle=True, drop_last=drop_last,
+            generator=torch.Generator().manual_seed(recipe.seed + epoch))
+        model.train()
+        loss_sum, seen = 0.0, 0
+        bar = tqdm(loader, desc=f'epoch {epoch}/{recipe.epochs}', leave=False, disable=_disable(progress),
+                   unit='batch')
+        for step, (images, targets) in enumerate(bar):
+            scheduler.step_update(num_updates=(epoch - 1) * steps + step)
+            loss = criterion(model(images), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(targets)
+            seen += len(targets)
+            bar.set_postfix(loss=f'{loss_sum / seen:.4f}')
+        bar.close()
+        correct, total = evaluate(model, val_set, progress=progress)
+        accuracy = correct / total
+        is_best = accuracy > best['accuracy']
+        if is_best:
+            best = dict(epoch=epoch, accuracy=accuracy, correct=correct,
+                        state_dict=copy.deepcopy(model.state_dict()))
+        history.append(dict(epoch=epoch, train_loss=loss_sum / seen, val_accuracy=accuracy,
+                            lr=optimizer.param_groups[0]['lr'], seconds=time.perf_counter() - epoch_start))
+        log(f'epoch {epoch:>3}/{recipe.epochs}  train loss {loss_sum / seen:.4f}  val accuracy {100 * accuracy:6.2f}% '
+            f'({correct}/{total})  {history[-1]["seconds"]:5.1f} s{"  best" if is_best else ""}')
+        state = dict(state, epoch=epoch, history=history, best=best)
+        _save_atomic(dict(state, model=model.state_dict(), optimizer=optimizer.state_dict()), out_dir / STATE_FILE)
+    seconds = time.perf_counter() - started
+
+    model.load_state_dict(best['state_dict'])
+    model.eval()
+    data_text = data_description or (
+        f'the image folder `{data_dir.name}/` (torchvision `ImageFolder` layout: train/ and val/, one sub-folder per '
+        f'class)')
+    training = _training_record(history, best, classes, recipe, data_config, data_name or data_dir.resolve().name,
+                                data_text, base, len(train_set), len(val_set))
+    write_hub_folder(
+        model, out_dir, model_name=card_name, repo_id=repo_id, force=True, label_names=classes,
+        data_config={'input_size': size} if recipe.img_size else None, training=training,
+        weights_source=f'Fine-tuned with `timm-densenet-ext finetune` from {base} on {data_text}: '
+                       f'{100 * best["accuracy"]:.2f}% validation accuracy.')
+    return FinetuneResult(
+        out_dir=out_dir, model_name=model_name, classes=classes, train_images=len(train_set),
+        val_images=len(val_set), best_epoch=best['epoch'], val_accuracy=best['accuracy'], val_correct=best['correct'],
+        history=history, seconds=seconds)

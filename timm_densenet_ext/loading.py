@@ -1,0 +1,97 @@
+"""A model from its name and where its weights come from: the Hub (`pretrained`), a checkpoint file (`weights`),
+or a hub folder / Hub repository named as the model ('local-dir:DIR', 'hf-hub:ORG/NAME').
+
+`predict`, `finetune` and `export` all load their model here, so `--pretrained`, `--weights` and hub folders mean
+the same thing in every command.
+"""
+from pathlib import Path
+from typing import Optional, Union
+
+import torch.nn as nn
+
+from .variants import default_cfgs, resolve_model_name
+
+__all__ = ['HUB_PREFIXES', 'load_model', 'model_card_name']
+
+# timm model names that carry their own weights: a hub folder on disk, a Hub repository
+HUB_PREFIXES = ('local-dir:', 'hf-hub:')
+
+
+def _check_hub_folder(folder: Path, model_name: str) -> None:
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f'{model_name}: no such folder {folder}; give a folder written by `timm-densenet-ext convert` or '
+            f'`finetune`.')
+    for name in ('config.json', 'model.safetensors'):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(
+                f'{model_name}: {folder} has no {name}, so it is not a hub folder; give a folder written by '
+                f'`timm-densenet-ext convert` or `finetune`.')
+
+
+def load_model(
+        model_name: str,
+        *,
+        pretrained: bool = False,
+        weights: Union[str, Path, None] = None,
+        require_weights: bool = True,
+) -> nn.Module:
+    """Build `model_name` with its weights, in eval mode.
+
+    `model_name` is a registered variant ('densenet121', 'densenet121.tv_in1k'), loaded with the Hub's weights when
+    `pretrained` or with a checkpoint file's when `weights` is given (any format `weights.read_checkpoint` reads,
+    verified against the architecture; the classifier size comes from the file); or it is a hub folder
+    'local-dir:DIR' or a Hub repository 'hf-hub:ORG/NAME', whose own weights, classes and preprocessing always load.
+    With `require_weights`, a registered variant given neither `pretrained` nor `weights` is refused: its weights
+    would be random. Raises ValueError or FileNotFoundError with a message naming the thing and the fix.
+    """
+    import timm
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from .weights import model_from_checkpoint
+    if pretrained and weights is not None:
+        raise ValueError('give either --pretrained (the Hub\'s weights) or --weights PATH (a file), not both.')
+
+    if model_name.startswith(HUB_PREFIXES):
+        if weights is not None:
+            raise ValueError(
+                f'{model_name} loads its own weights; give --weights with a variant name (densenet121), or leave '
+                f'--weights out.')
+        if model_name.startswith('local-dir:'):
+            _check_hub_folder(Path(model_name[len('local-dir:'):]), model_name)
+        try:
+            model = timm.create_model(model_name, pretrained=True)
+        except LocalEntryNotFoundError:  # huggingface_hub's message names neither the repository nor a way out
+            why = 'HF_HUB_OFFLINE is set' if constants.HF_HUB_OFFLINE else 'the Hub cannot be reached'
+            raise FileNotFoundError(
+                f'{model_name}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}), and {why}; go '
+                f'online once (unset HF_HUB_OFFLINE) to download it, or give a hub folder as local-dir:DIR.') from None
+        except RuntimeError as e:  # timm: 'Unknown model (...)' for an architecture it does not know
+            raise ValueError(f'{model_name}: timm cannot build it ({e}).') from None
+        return model.eval()
+
+    resolve_model_name(model_name)
+    if weights is not None:
+        weights = Path(weights)
+        if weights.is_dir() and (weights / 'config.json').is_file():
+            raise ValueError(
+                f'{weights}: is a hub folder; give it as the model, local-dir:{weights}, instead of --weights.')
+        return model_from_checkpoint(weights, model_name)
+    if require_weights and not pretrained:
+        arch, tag = resolve_model_name(model_name)
+        hint = ('--pretrained (the Hub\'s weights), ' if default_cfgs[arch].cfgs[tag].has_weights else '')
+        raise ValueError(
+            f'{model_name}: no weights given, so its outputs would be random; pass {hint}--weights PATH (a '
+            f'checkpoint file), or give a hub folder as the model, local-dir:DIR.')
+    return timm.create_model(model_name, pretrained=pretrained).eval()
+
+
+def model_card_name(model: nn.Module) -> str:
+    """The registered 'arch' or 'arch.tag' a model was built as: the name its model card is rendered for."""
+    cfg = model.pretrained_cfg
+    arch = cfg.get('architecture') or type(model).__name__
+    arch, tag = resolve_model_name(arch)
+    if cfg.get('tag') in default_cfgs[arch].tags:
+        tag = cfg['tag']
+    return f'{arch}.{tag}'

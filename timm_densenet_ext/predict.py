@@ -1,0 +1,118 @@
+"""Classify images: the model's own preprocessing (timm's `resolve_data_config` / `create_transform`), its class
+names (a hub folder's `label_names`, or ImageNet's from timm's `ImageNetInfo`), top-k labels and probabilities."""
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .loading import load_model
+
+__all__ = ['Prediction', 'class_names', 'preprocessing', 'classify', 'predict']
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The top classes of one image, best first, as (class index, class name, probability); or why it failed."""
+    path: str
+    top: List[Tuple[int, str, float]] = field(default_factory=list)
+    error: Optional[str] = None
+
+
+def class_names(model: nn.Module) -> List[str]:
+    """A name per class: the config's `label_names` (with their `label_descriptions`), ImageNet's descriptions
+    for a model with the classes of an ImageNet subset, else 'class N'."""
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+    cfg, n = model.pretrained_cfg, model.num_classes
+    names = cfg.get('label_names')
+    if isinstance(names, dict):  # timm allows {index: name} when indices have gaps
+        names = [names.get(i, names.get(str(i), f'class {i}')) for i in range(n)]
+    if names and len(names) == n:
+        descriptions = cfg.get('label_descriptions') or {}
+        return [str(descriptions.get(name, name)) for name in names]
+    subset = infer_imagenet_subset(model)
+    if subset:
+        info = ImageNetInfo(subset)
+        return [info.index_to_description(i) for i in range(n)]
+    return [f'class {i}' for i in range(n)]
+
+
+def preprocessing(model: nn.Module):
+    """The model's eval transform from its pretrained config: timm's `resolve_data_config` and `create_transform`
+    (for crop_pct 0.875, bicubic, 224 px: resize the shorter side to 256, center-crop 224, normalize)."""
+    import timm
+    return timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+
+
+def _read_image(path: Path):
+    """The image as RGB, or a one-line message saying why it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as image:
+            return image.convert('RGB')
+    except FileNotFoundError:
+        return f'{path}: no such file; check the path.'
+    except IsADirectoryError:
+        return f'{path}: is a folder; give image files.'
+    except UnidentifiedImageError:
+        return f'{path}: not an image file PIL can read (JPEG, PNG, ...); check that it is an image.'
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        return f'{path}: cannot read it as an image ({e}); check that the file is complete.'
+
+
+def classify(
+        model: nn.Module,
+        images: Sequence[Union[str, Path]],
+        top_k: int = 5,
+        batch_size: int = 16,
+) -> List[Prediction]:
+    """Classify image files with `model` (in eval mode) and its pretrained config's preprocessing.
+
+    One `Prediction` per image, in order; an unreadable image gets its `error` and the others are still classified.
+    """
+    if top_k < 1:
+        raise ValueError(f'--top-k {top_k}: give 1 or more.')
+    if not model.num_classes:
+        raise ValueError('the model has no classifier (num_classes=0); give a model that classifies.')
+    transform = preprocessing(model)
+    names = class_names(model)
+    k = min(top_k, model.num_classes)
+
+    results: List[Optional[Prediction]] = [None] * len(images)
+    batch: List[Tuple[int, torch.Tensor]] = []
+
+    def run(batch: List[Tuple[int, torch.Tensor]]) -> None:
+        with torch.no_grad():
+            probabilities = model(torch.stack([x for _, x in batch])).softmax(dim=1)
+        values, indices = probabilities.topk(k, dim=1)
+        for (i, _), p, idx in zip(batch, values.tolist(), indices.tolist()):
+            results[i] = Prediction(str(images[i]), [(c, names[c], q) for c, q in zip(idx, p)])
+
+    for i, path in enumerate(images):
+        image = _read_image(Path(path))
+        if isinstance(image, str):
+            results[i] = Prediction(str(path), error=image)
+            continue
+        batch.append((i, transform(image)))
+        if len(batch) == batch_size:
+            run(batch)
+            batch = []
+    if batch:
+        run(batch)
+    return results
+
+
+def predict(
+        model_name: str,
+        images: Sequence[Union[str, Path]],
+        *,
+        pretrained: bool = False,
+        weights: Union[str, Path, None] = None,
+        top_k: int = 5,
+) -> List[Prediction]:
+    """Classify image files with a model loaded by `loading.load_model` (a variant with `pretrained` or `weights`,
+    or a hub folder 'local-dir:DIR'): the top-k class names and probabilities of each image."""
+    if not images:
+        raise ValueError('give one or more image files to classify.')
+    return classify(load_model(model_name, pretrained=pretrained, weights=weights), images, top_k=top_k)
