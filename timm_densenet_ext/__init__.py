@@ -13,6 +13,7 @@ _LAZY = {
     'convert_checkpoint': 'hub', 'write_hub_folder': 'hub', 'validate_folder': 'hub', 'push_folder': 'hub',
     'render_model_card': 'cards', 'write_model_cards': 'cards',
     'model_stats': 'stats',
+    'fuse_for_inference': 'fused',
 }
 
 __all__ = ['DenseNet', 'DenseLayer', 'DenseBlock', 'DenseTransition', 'MODEL_NAMES', 'checkpoint_filter_fn',

@@ -15,8 +15,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Type, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
-from timm.layers import BlurPool2d, create_classifier, get_norm_act_layer
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from timm.layers import BatchNormAct2d, BlurPool2d, create_classifier, get_norm_act_layer
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import MATCH_PREV_GROUP
 
@@ -64,6 +64,80 @@ def _running_stats_kept(module: nn.Module) -> Iterator[None]:
                 buf.copy_(value)
 
 
+# What a checkpointed dense layer keeps for backward: the convolutions' outputs. The concatenation, the
+# normalisations and the activations are cheap to redo and are recomputed (Pleiss et al.).
+_SAVED_OPS = (torch.ops.aten.convolution.default,)
+
+
+def _save_convolutions(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _norm_act_eval(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`norm(x)` for a BatchNormAct2d in eval mode as one multiply-add and an in-place activation.
+
+    F.batch_norm copies a strided input (a channel slice of a block's buffer) before normalising it; this does not.
+    """
+    if isinstance(norm, BatchNormAct2d) and not norm.training and norm.running_mean is not None \
+            and isinstance(norm.drop, nn.Identity):
+        scale = torch.rsqrt(norm.running_var + norm.eps)
+        if norm.weight is not None:
+            scale = scale * norm.weight
+        shift = -norm.running_mean * scale
+        if norm.bias is not None:
+            shift = shift + norm.bias
+        return norm.act(torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1)))
+    return norm(x)
+
+
+def _efficient_norm(norm: nn.Module) -> bool:
+    """Whether `_NormActConv` can stand in for `norm`: a training-mode BatchNorm with ReLU and nothing else."""
+    return isinstance(norm, BatchNormAct2d) and norm.training and isinstance(norm.act, nn.ReLU) \
+        and isinstance(norm.drop, nn.Identity) and norm.weight is not None and norm.bias is not None
+
+
+class _NormActConv(torch.autograd.Function):
+    """conv(relu(batchnorm(cat(xs)))) in training mode that keeps only `xs` and the batch statistics for backward.
+
+    Backward concatenates and normalises again (cheap, elementwise) but does not redo the convolution. The
+    normalised tensor, the largest in a dense layer, lives only while it is used (Pleiss et al.).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, norm: nn.Module, padding: int, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
+                conv_weight: torch.Tensor, *xs: torch.Tensor) -> torch.Tensor:
+        x = xs[0] if len(xs) == 1 else torch.cat(xs, 1)
+        momentum = 0.
+        if norm.track_running_stats:  # BatchNormAct2d's bookkeeping, as its forward does it
+            norm.num_batches_tracked.add_(1)
+            momentum = 1. / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+        y, mean, invstd = torch.ops.aten.native_batch_norm(
+            x, bn_weight, bn_bias, norm.running_mean, norm.running_var, True, momentum, norm.eps)
+        out = F.conv2d(y.relu_(), conv_weight, None, 1, padding)
+        ctx.save_for_backward(bn_weight, bn_bias, conv_weight, mean, invstd, *xs)
+        ctx.eps, ctx.padding = norm.eps, padding
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        bn_weight, bn_bias, conv_weight, mean, invstd, *xs = ctx.saved_tensors
+        x = xs[0] if len(xs) == 1 else torch.cat(xs, 1)
+        # the same multiply-add the CPU and CUDA batch-norm kernels apply
+        scale = invstd * bn_weight
+        shift = bn_bias - mean * scale
+        y = torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1)).relu_()
+        grad_y, grad_conv, _ = torch.ops.aten.convolution_backward(
+            grad_out, y, conv_weight, None, [1, 1], [ctx.padding, ctx.padding], [1, 1], False, [0, 0], 1,
+            [True, ctx.needs_input_grad[4], False])
+        grad_y = torch.ops.aten.threshold_backward(grad_y, y, 0)
+        del y
+        grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+            grad_y, x, bn_weight, None, None, mean, invstd, True, ctx.eps,
+            [any(ctx.needs_input_grad[5:]), ctx.needs_input_grad[2], ctx.needs_input_grad[3]])
+        grad_xs = (grad_x,) if len(xs) == 1 else grad_x.split([t.shape[1] for t in xs], 1)
+        return (None, None, grad_w, grad_b, grad_conv, *grad_xs)
+
+
 class DenseLayer(nn.Module):
     """BN-ReLU-Conv1x1 bottleneck then BN-ReLU-Conv3x3, adding `growth_rate` channels to the block."""
 
@@ -91,28 +165,55 @@ class DenseLayer(nn.Module):
         """Concatenate the block's features and apply BN-ReLU-Conv1x1."""
         return self.conv1(self.norm1(torch.cat(features, 1)))
 
-    @torch.jit.unused
-    def checkpointed_bottleneck(self, features: List[torch.Tensor]) -> torch.Tensor:
-        """The bottleneck without keeping its concatenation and BN output for backward (Pleiss et al.).
-
-        Backward recomputes them; the recomputation leaves BN running statistics as the forward pass left them.
-        """
-        def recompute_contexts():
-            return contextlib.nullcontext(), _running_stats_kept(self.norm1)
-
-        return checkpoint(
-            lambda *xs: self.bottleneck(list(xs)), *features, use_reentrant=False, context_fn=recompute_contexts)
-
-    def forward(self, features: List[torch.Tensor]) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled() \
-                and any([f.requires_grad for f in features]):
-            x = self.checkpointed_bottleneck(features)
-        else:
-            x = self.bottleneck(features)
-        x = self.conv2(self.norm2(x))
+    def layer(self, features: List[torch.Tensor]) -> torch.Tensor:
+        """The whole layer on the list of the block's features so far."""
+        x = self.conv2(self.norm2(self.bottleneck(features)))
         if self.drop_rate > 0.:
             x = F.dropout(x, p=self.drop_rate, training=self.training)
         return x
+
+    @torch.jit.unused
+    def checkpointed_layer(self, features: List[torch.Tensor]) -> torch.Tensor:
+        """The layer keeping only its convolutions' outputs for backward (memory linear in depth, not quadratic).
+
+        Backward recomputes the concatenation, normalisations and activations but not the convolutions, and leaves
+        the BN running statistics as the forward pass left them.
+        """
+        if _efficient_norm(self.norm1) and _efficient_norm(self.norm2):
+            x = _NormActConv.apply(self.norm1, 0, self.norm1.weight, self.norm1.bias, self.conv1.weight, *features)
+            x = _NormActConv.apply(self.norm2, 1, self.norm2.weight, self.norm2.bias, self.conv2.weight, x)
+            if self.drop_rate > 0.:
+                x = F.dropout(x, p=self.drop_rate, training=self.training)
+            return x
+
+        # other norms (or BatchNorm in eval mode): torch's selective checkpointing does the same, more slowly
+        def contexts() -> Tuple[Any, Any]:
+            forward_ctx, recompute_ctx = create_selective_checkpoint_contexts(_save_convolutions)
+            return forward_ctx, _all_of(_running_stats_kept(self), recompute_ctx)
+
+        return checkpoint(lambda *xs: self.layer(list(xs)), *features, use_reentrant=False, context_fn=contexts)
+
+    @torch.jit.unused
+    def forward_inference(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer on the concatenated features, without autograd (`x` may be a channel slice of a buffer)."""
+        x = self.conv1(_norm_act_eval(self.norm1, x))
+        x = self.conv2(_norm_act_eval(self.norm2, x))
+        if self.drop_rate > 0.:
+            x = F.dropout(x, p=self.drop_rate, training=self.training)
+        return x
+
+    def forward(self, features: List[torch.Tensor]) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
+            return self.checkpointed_layer(features)
+        return self.layer(features)
+
+
+@contextlib.contextmanager
+def _all_of(*managers: Any) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for m in managers:
+            stack.enter_context(m)
+        yield
 
 
 class DenseBlock(nn.ModuleDict):
@@ -131,6 +232,7 @@ class DenseBlock(nn.ModuleDict):
             dtype=None,
     ) -> None:
         super().__init__()
+        self.growth_rate = growth_rate
         for i in range(num_layers):
             self.add_module(f'denselayer{i + 1}', DenseLayer(
                 num_input_features + i * growth_rate,
@@ -143,7 +245,36 @@ class DenseBlock(nn.ModuleDict):
                 dtype=dtype,
             ))
 
+    @torch.jit.unused
+    def needs_autograd(self, x: Any) -> bool:
+        """Whether autograd records this block's forward (fx proxies are not tensors and do not count)."""
+        if not torch.is_grad_enabled():
+            return False
+        if isinstance(x, torch.Tensor) and x.requires_grad:
+            return True
+        return any(p.requires_grad for p in self.parameters())
+
+    @torch.jit.unused
+    def forward_into_buffer(self, x: torch.Tensor) -> torch.Tensor:
+        """Write the input and each layer's output into one preallocated tensor (no concatenation copies).
+
+        Each layer reads a channel slice of the buffer, so the work is linear in depth where concatenating anew
+        in every layer is quadratic. Without autograd only: later writes would change what backward needs.
+        """
+        n, c, h, w = x.shape
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+            else torch.contiguous_format
+        buf = torch.empty(
+            (n, c + len(self) * self.growth_rate, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
+        buf[:, :c].copy_(x)
+        for layer in self.values():
+            buf[:, c:c + self.growth_rate].copy_(layer.forward_inference(buf[:, :c]))
+            c += self.growth_rate
+        return buf
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and not self.needs_autograd(x):
+            return self.forward_into_buffer(x)
         features = [x]
         for layer in self.values():
             features.append(layer(features))
@@ -151,7 +282,11 @@ class DenseBlock(nn.ModuleDict):
 
 
 class DenseTransition(nn.Sequential):
-    """BN-ReLU-Conv1x1 compression then 2x downsampling (average or blur pool)."""
+    """BN-ReLU-Conv1x1 compression then 2x downsampling (average or blur pool).
+
+    With average pooling the pool runs before the convolution: the two commute (both linear, the pool the same for
+    every channel), so the convolution sees a quarter of the pixels. Module names and weights are unchanged.
+    """
 
     def __init__(
             self,
@@ -170,6 +305,20 @@ class DenseTransition(nn.Sequential):
             self.add_module('pool', aa_layer(num_output_features, stride=2, **dd))
         else:
             self.add_module('pool', nn.AvgPool2d(kernel_size=2, stride=2))
+        self.pool_first = aa_layer is None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        if self.pool_first:
+            return self.conv(self.pool(x))
+        return self.pool(self.conv(x))
+
+
+def _cpu_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """On the CPU, channels-last (NHWC): oneDNN convolves it without reordering, and channel slices stay dense."""
+    if x.device.type == 'cpu':
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 def _factory_kwargs(device, dtype) -> Dict[str, Any]:
@@ -412,7 +561,7 @@ class DenseNet(nn.Module):
         """
         if output_fmt != 'NCHW':
             raise ValueError(f"DenseNet returns NCHW feature maps only, got output_fmt='{output_fmt}'.")
-        x = check_input(x, self.in_chans, self.min_input_size)
+        x = _cpu_channels_last(check_input(x, self.in_chans, self.min_input_size))
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.feature_ends), indices)
         if torch.jit.is_scripting() or not stop_early:  # TorchScript cannot slice a Sequential
@@ -447,7 +596,7 @@ class DenseNet(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = check_input(x, self.in_chans, self.min_input_size)
+        x = _cpu_channels_last(check_input(x, self.in_chans, self.min_input_size))
         return self.features(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
