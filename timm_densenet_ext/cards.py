@@ -138,9 +138,9 @@ def _size(input_size) -> str:
     return f'{input_size[-2]} x {input_size[-1]}'
 
 
-def _measure(name: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
+def _measure(name: str, cfg: Dict[str, Any], model_args: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """What a card states about the model, measured from it on the meta device (no memory, no compute)."""
-    model_args = dict(num_classes=cfg['num_classes'], in_chans=cfg['input_size'][0])
+    model_args = dict(model_args or {}, num_classes=cfg['num_classes'], in_chans=cfg['input_size'][0])
     with torch.device('meta'):
         model = timm.create_model(name, **model_args).eval()
         with torch.no_grad():
@@ -197,6 +197,7 @@ def render_model_card(
         pretrained_cfg: Optional[dict] = None,
         weights_source: Optional[str] = None,
         training: Optional[Dict[str, Any]] = None,
+        model_args: Optional[Dict[str, Any]] = None,
 ) -> str:
     """The model card (Hub README.md: YAML metadata, then markdown) of 'arch' or 'arch.tag'.
 
@@ -204,7 +205,8 @@ def render_model_card(
     `repo_id` is the Hub repository the usage code loads (default the config's hf_hub_id); `weights_source` is a
     sentence saying where the weights came from (default from the tag's training recipe). `training` (from
     `finetune`: data, classes, image counts, recipe lines, per-epoch history, best epoch and its validation accuracy)
-    adds a Training section and the accuracy to the card's metadata as an evaluation result.
+    adds a Training section and the accuracy to the card's metadata as an evaluation result. `model_args` are the
+    arguments the model was built with beyond the variant's (a hub folder's config.json `model_args`).
     """
     arch, tag = resolve_model_name(model_name)
     name = f'{arch}.{tag}'
@@ -232,7 +234,7 @@ def render_model_card(
             weights_source = (f'Fine-tuned to {num_classes} classes from `{registered["hf_hub_id"]}`. '
                               f'Those weights: {weights_source}')
 
-    figures = _measure(name, cfg)
+    figures = _measure(name, cfg, model_args)
     blur = figures.pop('blur')
 
     papers = []

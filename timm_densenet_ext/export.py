@@ -5,6 +5,7 @@ The file is written under a temporary name beside `out`, loaded back (onnxruntim
 `torch.export.load`), compared with the PyTorch model on random images at two batch sizes, and only then moved to
 `out`; an existing `out` is replaced only with `force`.
 """
+import inspect
 import os
 import secrets
 import warnings
@@ -42,10 +43,12 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
         raise ImportError("ONNX export needs onnx and onnxscript: pip install 'timm-densenet-ext[export]'.") from None
     batch = torch.export.Dim('batch', min=1)
     # dynamo=True: torch.export's graph, the exporter torch recommends (the TorchScript-based one is deprecated);
-    # external_data=False keeps the weights inside the one file (DenseNets are far below ONNX's 2 GB limit)
+    # external_data=False keeps the weights inside the one file (DenseNets are far below ONNX's 2 GB limit; torch
+    # before 2.6 has no such argument and always did)
+    one_file = {'external_data': False} if 'external_data' in inspect.signature(torch.onnx.export).parameters else {}
     torch.onnx.export(
         model, (example,), str(path), input_names=['input'], output_names=['logits'],
-        dynamic_shapes=({0: batch},), dynamo=True, external_data=False, verbose=False)
+        dynamic_shapes=({0: batch},), dynamo=True, verbose=False, **one_file)
 
 
 def _export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> None:

@@ -185,7 +185,7 @@ def _resumed_settings(state: Dict[str, Any], given: Dict[str, Any], out_dir: Pat
         if isinstance(saved, list):
             saved = tuple(saved)
         if value is not None and value != saved:
-            flag = '--' + name.replace('_', '-')
+            flag = '--model' if name == 'model_name' else '--' + name.replace('_', '-')
             raise ValueError(
                 f'{flag} {value} differs from the interrupted run in {out_dir} ({saved}); resume with the same '
                 f'settings, or start again with --force.')

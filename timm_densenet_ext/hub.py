@@ -125,7 +125,7 @@ def write_hub_folder(
         card_cfg.update({k: config[k] for k in ('label_names', 'label_descriptions') if k in config})
         card = render_model_card(
             model_name, repo_id=repo_id or f'{PLACEHOLDER_ORG}/{target.name}', pretrained_cfg=card_cfg,
-            weights_source=weights_source, training=training)
+            weights_source=weights_source, training=training, model_args=config.get('model_args'))
         (staging / CARD_FILE).write_text(card, encoding='utf-8')
         _chmod_default(staging)
         _swap_in(staging, target)

@@ -1,0 +1,88 @@
+"""`timm-densenet-ext demo`: the digits as an image folder, fine-tuned through `finetune`, the hub folder reloaded
+with `local-dir:` and measured again. Run here for one epoch at 8 px; the full demo's accuracy and time are in the
+README, measured by hand."""
+import json
+import shlex
+
+import numpy as np
+import pytest
+from huggingface_hub import ModelCard
+
+from timm_densenet_ext import demo
+from timm_densenet_ext.cli import main
+from timm_densenet_ext.hub import upload_files
+
+
+@pytest.fixture(scope='module')
+def demo_run(tmp_path_factory):
+    """The demo from the command line, as the README runs it, with one epoch at 8 px instead of the recipe's."""
+    import contextlib
+    import io
+    out = tmp_path_factory.mktemp('demo') / 'densenet-demo'
+    mp = pytest.MonkeyPatch()
+    mp.setitem(demo.DEMO_RECIPE, 'img_size', 8)
+    stdout = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(stdout):
+            code = main(['demo', '--out', str(out), '--epochs', '1'])
+    finally:
+        mp.undo()
+    assert code == 0
+    return out, stdout.getvalue()
+
+
+def test_writes_the_digits_as_an_image_folder_split_by_class(demo_run):
+    from sklearn.datasets import load_digits
+    out, printed = demo_run
+    counts = {split: {c.name: len(list(c.iterdir())) for c in (out / 'data' / split).iterdir()}
+              for split in ('train', 'val')}
+    assert sorted(counts['train']) == sorted(counts['val']) == [str(d) for d in range(10)]
+    assert sum(counts['train'].values()) == 1437 and sum(counts['val'].values()) == 360
+    per_class = np.bincount(load_digits().target)
+    for digit, n in enumerate(per_class):  # stratified: every class split 80/20
+        assert counts['val'][str(digit)] in (int(n * 0.2), int(n * 0.2) + 1)
+    assert f'wrote 1437 training and 360 validation images of scikit-learn\'s handwritten digits to {out / "data"}' \
+        in printed
+
+
+def test_the_reloaded_hub_folder_measures_what_training_measured(demo_run):
+    out, printed = demo_run
+    lines = printed.splitlines()
+    epoch = next(line for line in lines if line.startswith('epoch   1/1'))
+    trained_correct = epoch.split('(')[1].split(')')[0]
+    reloaded = next(line for line in lines if line.startswith('reloaded '))
+    assert reloaded.startswith(f"reloaded timm.create_model('local-dir:{out / 'model'}', pretrained=True): "
+                               f'validation accuracy ')
+    assert f'({trained_correct})' in reloaded  # the same images right, after the round trip through the folder
+    assert int(trained_correct.split('/')[0]) > 36  # better than chance (10 classes), even after one epoch
+
+    assert [name for name, _ in upload_files(out / 'model')] == ['README.md', 'config.json', 'model.safetensors']
+    config = json.loads((out / 'model' / 'config.json').read_text())
+    assert config['architecture'] == demo.DEMO_MODEL and config['label_names'] == [str(d) for d in range(10)]
+    card = ModelCard.load(out / 'model' / 'README.md')
+    assert "scikit-learn's handwritten digits" in card.text and 'random initialisation' in card.text
+    assert f'batch size {demo.DEMO_RECIPE["batch_size"]}' in card.text
+    assert f'learning rate {demo.DEMO_RECIPE["lr"]:g}' in card.text
+    assert card.data.eval_results[0].dataset_name == 'scikit-learn digits'
+
+
+def test_says_where_everything_went_and_the_next_commands_work(demo_run, capsys):
+    out, printed = demo_run
+    assert f'Everything is in {out}/:' in printed
+    assert f'{out / "data"}/' in printed and f'{out / "model"}/' in printed
+    commands = [line.strip() for line in printed.splitlines() if line.strip().startswith('timm-densenet-ext ')]
+    assert [c.split()[1] for c in commands] == ['predict', 'export', 'push']
+    predict = shlex.split(commands[0])[1:]
+    assert main(predict) == 0
+    result = capsys.readouterr().out.splitlines()
+    assert result[0] == predict[-1] and len(result) == 6  # the image, then its top 5 digits
+
+
+def test_an_earlier_run_is_kept_without_force(demo_run, capsys):
+    out, _ = demo_run
+    before = (out / 'model' / 'model.safetensors').read_bytes()
+    assert main(['demo', '--out', str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f'timm-densenet-ext demo: error: {out / "data"}: exists from an earlier run; pass '
+                                f'--force to replace it, or give another --out.']
+    assert (out / 'model' / 'model.safetensors').read_bytes() == before

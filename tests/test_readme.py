@@ -1,0 +1,97 @@
+"""The README: a two-command quick start whose test command is CI's, and every Python code block run as written,
+offline, in a folder holding what the blocks read (a demo hub folder, a converted folder, cached Hub weights)."""
+import contextlib
+import io
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import timm_densenet_ext  # noqa: F401  (registers the variants)
+from hub_fixtures import add_weights_to_hub_cache
+from timm_densenet_ext.hub import write_hub_folder
+from timm_densenet_ext.variants import resolve_model_name
+from workflow_helpers import tiny_hub_folder, write_image
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / 'README.md').read_text(encoding='utf-8')
+BLOCKS = re.findall(r'^```python\n(.*?)^```$', README, flags=re.S | re.M)
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    tomllib = None
+
+
+def section(title: str) -> str:
+    return README.split(f'\n## {title}\n', 1)[1].split('\n## ', 1)[0]
+
+
+def _demo_folder(cwd: Path) -> None:
+    """What `timm-densenet-ext demo` leaves: densenet-demo/model (a 10-digit DenseNet-BC at 16 px) and images."""
+    tiny_hub_folder(cwd / 'densenet-demo' / 'model', [str(d) for d in range(10)])
+    for i in range(3):
+        write_image(cwd / 'densenet-demo' / 'data' / 'val' / '7' / f'{i:04d}.png', size=(8, 8), seed=i)
+
+
+def _converted_folder(cwd: Path) -> None:
+    """What the Publishing section's `convert` writes: an ImageNet DenseNet-121."""
+    write_hub_folder(timm.create_model('densenet121'), cwd / 'densenet121.my_in1k', model_name='densenet121')
+
+
+# the local folders the README's code reads, and how to make each
+FOLDERS = {'densenet-demo/model': _demo_folder, 'densenet121.my_in1k': _converted_folder}
+
+
+def test_quick_start_is_two_commands_and_the_second_is_ci_s():
+    quick = section('Quick start')
+    commands = re.findall(r'^```bash\n(.*?)^```$', quick, flags=re.S | re.M)
+    assert len(commands) == 2 and all(c.count('\n') == 1 for c in commands)  # two blocks, one line each
+    demo, tests = (c.strip() for c in commands)
+    assert demo == ("python3 -m venv .venv && .venv/bin/pip install -e '.[demo]' && HF_HUB_OFFLINE=1 "
+                    ".venv/bin/timm-densenet-ext demo")
+    ci = (ROOT / '.ci' / 'run').read_text()
+    assert ci.rstrip().splitlines()[-1] in tests and "-e '.[test]'" in ci
+    assert tests == ("python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && HF_HUB_OFFLINE=1 "
+                     ".venv/bin/python -m pytest -q")
+
+
+@pytest.mark.skipif(tomllib is None, reason='tomllib is Python 3.11+; the extras are the same on every version')
+def test_the_test_extra_brings_what_the_workflows_need():
+    extras = tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']['optional-dependencies']
+    assert extras['demo'] == ['scikit-learn>=1.0']
+    assert [re.split('[<>=]', r)[0] for r in extras['export']] == ['onnx', 'onnxscript', 'onnxruntime']
+    assert 'timm-densenet-ext[demo,export]' in extras['test']
+
+
+def test_every_python_block_is_run():
+    # a new block that reads a folder nobody makes fails here rather than being skipped
+    assert len(BLOCKS) == 4
+    for code in BLOCKS:
+        for folder in re.findall(r"local-dir:([\w.\-/]+)'", code):
+            assert folder in FOLDERS, f'README code loads local-dir:{folder}; add it to FOLDERS in {__file__}'
+
+
+@pytest.mark.parametrize('index', range(len(BLOCKS)))
+def test_readme_python_block_runs_offline(index, tmp_path, monkeypatch, hub_cache):
+    code = BLOCKS[index]
+    monkeypatch.chdir(tmp_path)
+    for folder in set(re.findall(r"local-dir:([\w.\-/]+)'", code)):
+        FOLDERS[folder](tmp_path)
+    for name in set(re.findall(r"create_model\('([\w.]+)', pretrained=True", code)):
+        arch, tag = resolve_model_name(name)
+        cfg = timm.models.get_pretrained_cfg(f'{arch}.{tag}')
+        add_weights_to_hub_cache(hub_cache, cfg.hf_hub_id, timm.create_model(arch).state_dict())
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, f'<README.md python block {index}>', 'exec'), {'__name__': '__main__'})
+    printed = out.getvalue().splitlines()
+    # what a print's comment says it prints, it prints
+    stated = [line.split('#', 1)[1].strip() for line in code.splitlines()
+              if line.lstrip().startswith('print(') and '#' in line]
+    for expected in stated:
+        assert expected in printed, f'block {index} states {expected!r}; printed:\n' + '\n'.join(printed)
