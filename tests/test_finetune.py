@@ -83,7 +83,7 @@ def test_the_card_records_data_recipe_and_accuracy(data, trained_run):
     epochs = [line for line in trained_run.stdout.splitlines() if line.startswith('epoch ')]
     best = max(float(e.split('val accuracy')[1].split('%')[0]) for e in epochs)
 
-    assert f'## Training' in text and 'the image folder `fruit/`' in text
+    assert '## Training' in text and 'the image folder `fruit/`' in text
     assert '24 training and\n12 validation images of 3 classes\n(apple, banana, cherry)' in text
     assert '- 3 epochs, batch size 6, from `local-dir:' in text
     assert 'AdamW (timm `create_optimizer_v2`), learning rate 0.01, weight decay 0.05' in text

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import timm
-import torch
 
 import timm_densenet_ext  # noqa: F401  (registers the variants)
 from hub_fixtures import add_weights_to_hub_cache

@@ -37,9 +37,9 @@ def write_image_folder(root: Path, classes: Sequence[str], train: int = 8, val: 
     return root
 
 
-def tiny_hub_folder(folder: Path, label_names: Sequence[str], seed: int = 0) -> Path:
-    """A hub folder of a two-layers-per-block DenseNet-BC at 16 px, random weights and BatchNorm statistics, with
-    class names: a whole model `local-dir:` loads, cheap enough to fine-tune and export in a test."""
+def tiny_hub_folder(folder: Path, label_names: Sequence[str], seed: int = 0, img_size: int = TINY_SIZE) -> Path:
+    """A hub folder of a two-layers-per-block DenseNet-BC (16 px unless told), random weights and BatchNorm
+    statistics, with class names: a whole model `local-dir:` loads, cheap enough to fine-tune and export in a test."""
     model = trained(timm.create_model(TINY_ARCH, num_classes=len(label_names), **TINY_ARGS), seed=seed)
     return write_hub_folder(model, folder, model_name=TINY_ARCH, label_names=list(label_names),
-                            data_config={'input_size': (3, TINY_SIZE, TINY_SIZE)})
+                            data_config={'input_size': (3, img_size, img_size)})

@@ -13,7 +13,6 @@ import copy
 import dataclasses
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,10 +253,10 @@ def finetune(
     None take `Recipe`'s defaults, or the interrupted run's with `resume`, which continues from the state saved in
     `out_dir` after its last finished epoch (a setting that differs from that run's is refused). An existing
     non-empty `out_dir` is replaced only with `force`. `progress`: bars on stderr (None: when it is a terminal).
-    `data_name` and `data_description` name and describe the data in the model card (default: the folder). Returns a `FinetuneResult`; raises ValueError,
-    FileNotFoundError or FileExistsError with a message naming the thing and the fix.
+    `data_name` and `data_description` name and describe the data in the model card (default: the folder).
+    Returns a `FinetuneResult`; raises ValueError, FileNotFoundError or FileExistsError with a message naming the
+    thing and the fix.
     """
-    import timm
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
     from tqdm.auto import tqdm

@@ -5,7 +5,7 @@ or a hub folder / Hub repository named as the model ('local-dir:DIR', 'hf-hub:OR
 the same thing in every command.
 """
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 import torch.nn as nn
 
