@@ -211,7 +211,8 @@ _EXTRA_COMMANDS.append(_add_convert_push)
 def _add_weights_args(p: argparse.ArgumentParser, what: str) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument('--pretrained', action='store_true', help=f"{what} the Hub's weights of the variant's tag")
-    group.add_argument('--weights', metavar='PATH', help=f'{what} the weights of a checkpoint file (any format convert reads)')
+    group.add_argument('--weights', metavar='PATH',
+                       help=f'{what} the weights of a checkpoint file (any format convert reads)')
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -311,7 +312,8 @@ def _add_workflows(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser('demo', help="offline: fine-tune DenseNet-BC on scikit-learn's digits, reload and measure it")
-    p.add_argument('--out', default='densenet-demo', metavar='DIR', help='where data/ and model/ go (default densenet-demo)')
+    p.add_argument('--out', default='densenet-demo', metavar='DIR',
+                   help='where data/ and model/ go (default densenet-demo)')
     p.add_argument('--epochs', type=int, metavar='N', help='fewer epochs for a quick look (default: the demo recipe)')
     p.add_argument('--force', action='store_true', help='replace data/ and model/ of an earlier run in DIR')
     p.set_defaults(func=_cmd_demo)
