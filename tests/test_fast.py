@@ -227,3 +227,20 @@ def test_memory_efficient_halves_training_memory():
     ours = peak(timm.create_model('densenet121', memory_efficient=True))
     assert ours <= 0.5 * reference, (ours / reference)
     assert peak(timm.create_model('densenet121')) <= 1.05 * reference
+
+
+def test_memory_efficient_with_frozen_batchnorm_falls_back_to_selective_checkpointing():
+    """BatchNorm in eval mode (fine-tuning with frozen statistics): torch's selective checkpointing, same gradients,
+    convolutions still computed once."""
+    torch.manual_seed(0)
+    base = randomize_(timm.create_model('densenet121', num_classes=10, block_config=(2, 3, 2, 2))).eval()
+    x, target = torch.randn(2, 3, 64, 64), torch.randint(0, 10, (2,))
+    efficient = copy.deepcopy(base)
+    efficient.set_grad_checkpointing(True)
+    loss_a, grads_a, state_a = _step(copy.deepcopy(base), x, target)
+    with OpCounter() as c:
+        loss_b, grads_b, state_b = _step(efficient, x, target)
+    assert torch.equal(loss_a, loss_b)
+    assert max(_rel(grads_b[k], grads_a[k]) for k in grads_a) <= 1e-5
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert c.counts['convolution'] == 1 + 2 * 9 + 3

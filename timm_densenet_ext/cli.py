@@ -322,6 +322,21 @@ def _add_workflows(sub: argparse._SubParsersAction) -> None:
 _EXTRA_COMMANDS.append(_add_workflows)
 
 
+def _cmd_benchmark(args: argparse.Namespace) -> None:
+    from .benchmark import run_from_args
+    run_from_args(args)
+
+
+def _add_benchmark(sub: argparse._SubParsersAction) -> None:
+    from .benchmark import add_arguments
+    p = sub.add_parser('benchmark', help="speed and memory side by side with timm's and torchvision's DenseNet")
+    add_arguments(p)
+    p.set_defaults(func=_cmd_benchmark)
+
+
+_EXTRA_COMMANDS.append(_add_benchmark)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:

@@ -43,11 +43,21 @@ def check_input(x: torch.Tensor, in_chans: int, min_size: int) -> torch.Tensor:
     return x
 
 
-# keep the check as one node when torch.fx traces (torchvision's and timm's feature extractors included)
+def _cpu_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """On the CPU, channels-last (NHWC): oneDNN convolves it without reordering, and channel slices stay dense."""
+    if x.device.type == 'cpu':
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+# both are control flow on the input: keep each as one node when torch.fx traces (torchvision's and timm's
+# feature extractors included)
 torch.fx.wrap('check_input')
+torch.fx.wrap('_cpu_channels_last')
 try:
     from timm.layers import register_notrace_function
     register_notrace_function(check_input)
+    register_notrace_function(_cpu_channels_last)
 except ImportError:  # pragma: no cover - older timm
     pass
 
@@ -312,13 +322,6 @@ class DenseTransition(nn.Sequential):
         if self.pool_first:
             return self.conv(self.pool(x))
         return self.pool(self.conv(x))
-
-
-def _cpu_channels_last(x: torch.Tensor) -> torch.Tensor:
-    """On the CPU, channels-last (NHWC): oneDNN convolves it without reordering, and channel slices stay dense."""
-    if x.device.type == 'cpu':
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
 
 
 def _factory_kwargs(device, dtype) -> Dict[str, Any]:

@@ -1,0 +1,68 @@
+"""The benchmark runs every candidate side by side and writes its table, JSON and chart (figures not asserted)."""
+import json
+
+import pytest
+from PIL import Image
+
+from timm_densenet_ext import cli
+from timm_densenet_ext.benchmark import format_table, peak_memory
+
+INFERENCE = ['timm', 'timm channels_last', 'torchvision', 'ours', 'ours fused']
+TRAIN = ['timm', 'timm memory_efficient', 'torchvision', 'torchvision memory_efficient', 'ours',
+         'ours memory_efficient']
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp('bench')
+    code = cli.main(['benchmark', '--model', 'densenet121', '--batch-size', '2', '--img-size', '32',
+                     '--repeats', '2', '--no-compile', '--no-memory', '--out', str(out)])
+    return code, out
+
+
+def test_benchmark_writes_json_and_chart(run):
+    code, out = run
+    assert code == 0
+    result = json.loads((out / 'benchmark.json').read_text())
+    rows = {(r['mode'], r['name']): r for r in result['results']}
+    assert [n for m, n in rows if m == 'inference'] == INFERENCE
+    assert [n for m, n in rows if m == 'train'] == TRAIN
+    for (mode, name), r in rows.items():
+        assert len(r['times_s']) == 2 and r['images_per_s'] > 0 and 0 < r['efficiency']
+    assert rows[('inference', 'timm')]['speedup_vs_timm'] == 1.0
+    for name in ('ours', 'ours fused', 'torchvision', 'timm channels_last'):  # same weights, same outputs
+        assert rows[('inference', name)]['max_rel_diff_vs_timm'] <= 1e-4
+    assert result['conv_peak_gflops'] > 0 and result['gmacs_per_image'] > 0
+    assert result['machine']['torch'] and result['command'].startswith('timm-densenet-ext benchmark')
+    with Image.open(out / 'benchmark.png') as im:
+        assert im.format == 'PNG' and im.size[0] > 400
+
+
+def test_benchmark_table_names_every_candidate(run, capsys):
+    _, out = run
+    table = format_table(json.loads((out / 'benchmark.json').read_text()))
+    for name in set(INFERENCE + TRAIN):
+        assert f'| {name} |' in table
+    assert 'densenet121, batch 2, 32 px' in table
+
+
+def test_benchmark_keeps_existing_results(run, capsys):
+    _, out = run
+    before = (out / 'benchmark.json').read_text()
+    code = cli.main(['benchmark', '--batch-size', '1', '--img-size', '32', '--repeats', '1', '--no-compile',
+                     '--no-train', '--no-memory', '--out', str(out)])
+    assert code == 2
+    assert 'exists; pass --force' in capsys.readouterr().err
+    assert (out / 'benchmark.json').read_text() == before
+
+
+def test_benchmark_rejects_unknown_model(capsys):
+    assert cli.main(['benchmark', '--model', 'resnet9000', '--no-compile']) == 2
+    assert "unknown model 'resnet9000'" in capsys.readouterr().err
+
+
+def test_peak_memory_probe_in_its_own_process():
+    """The CPU figure comes from a fresh process; training holds more than inference of the same model."""
+    train = peak_memory('train', 'ours', 'densenet121', batch_size=2, img_size=64, repeats=1)
+    infer = peak_memory('inference', 'ours', 'densenet121', batch_size=2, img_size=64, repeats=1)
+    assert 0 < infer < train < 2 ** 30
