@@ -269,7 +269,7 @@ def finetune(
             raise ValueError('give --resume to continue an interrupted run, or --force to start it again, not both.')
         state = _load_state(out_dir)
         _resumed_settings(state, dict(given, model_name=model_name, pretrained=pretrained or None,
-                                      weights=str(weights) if weights else None), out_dir)
+                                      weights=str(Path(weights).resolve()) if weights else None), out_dir)
         run = state['run']
         model_name, pretrained, weights = run['model_name'], run['pretrained'], run['weights']
         data_dir = Path(data_dir) if data_dir is not None else Path(run['data_dir'])
@@ -313,8 +313,9 @@ def finetune(
     base = _base_description(model_name, pretrained, str(weights) if weights else None)
     if state is None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        run = dict(model_name=model_name, pretrained=pretrained, weights=str(weights) if weights else None,
-                   data_dir=str(data_dir))
+        # absolute paths: `--resume` may be run from another folder
+        run = dict(model_name=model_name, pretrained=pretrained,
+                   weights=str(Path(weights).resolve()) if weights else None, data_dir=str(data_dir.resolve()))
         state = dict(format=_STATE_FORMAT, run=run, recipe=dataclasses.asdict(recipe), classes=classes, epoch=0,
                      history=[], best=dict(epoch=0, accuracy=-1.0, correct=0, state_dict=None))
         _save_atomic(dict(state, model=model.state_dict(), optimizer=optimizer.state_dict()), out_dir / STATE_FILE)

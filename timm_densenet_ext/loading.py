@@ -71,7 +71,11 @@ def load_model(
             raise ValueError(f'{model_name}: timm cannot build it ({e}).') from None
         return model.eval()
 
-    resolve_model_name(model_name)
+    arch, tag = resolve_model_name(model_name)
+    if pretrained and not default_cfgs[arch].cfgs[tag].has_weights:
+        raise ValueError(
+            f'{model_name}: has no pretrained weights; leave out --pretrained, or give --weights PATH (a checkpoint '
+            f'file). `timm-densenet-ext list` shows which variants have them.')
     if weights is not None:
         weights = Path(weights)
         if weights.is_dir() and (weights / 'config.json').is_file():
@@ -79,7 +83,6 @@ def load_model(
                 f'{weights}: is a hub folder; give it as the model, local-dir:{weights}, instead of --weights.')
         return model_from_checkpoint(weights, model_name)
     if require_weights and not pretrained:
-        arch, tag = resolve_model_name(model_name)
         hint = ('--pretrained (the Hub\'s weights), ' if default_cfgs[arch].cfgs[tag].has_weights else '')
         raise ValueError(
             f'{model_name}: no weights given, so its outputs would be random; pass {hint}--weights PATH (a '
