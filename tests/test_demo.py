@@ -46,15 +46,15 @@ def test_the_reloaded_hub_folder_measures_what_training_measured(demo_run):
     epoch = next(line for line in lines if line.startswith('epoch   1/1'))
     trained_correct = epoch.split('(')[1].split(')')[0]
     reloaded = next(line for line in lines if line.startswith('reloaded '))
-    assert reloaded.startswith(f"reloaded timm.create_model('local-dir:{out / 'model'}', pretrained=True): "
+    assert reloaded.startswith(f"reloaded timm.create_model('local-dir:{out / demo.MODEL_FOLDER}', pretrained=True): "
                                f'validation accuracy ')
     assert f'({trained_correct})' in reloaded  # the same images right, after the round trip through the folder
     assert int(trained_correct.split('/')[0]) > 36  # better than chance (10 classes), even after one epoch
 
-    assert [name for name, _ in upload_files(out / 'model')] == ['README.md', 'config.json', 'model.safetensors']
-    config = json.loads((out / 'model' / 'config.json').read_text())
+    assert [name for name, _ in upload_files(out / demo.MODEL_FOLDER)] == ['README.md', 'config.json', 'model.safetensors']
+    config = json.loads((out / demo.MODEL_FOLDER / 'config.json').read_text())
     assert config['architecture'] == demo.DEMO_MODEL and config['label_names'] == [str(d) for d in range(10)]
-    card = ModelCard.load(out / 'model' / 'README.md')
+    card = ModelCard.load(out / demo.MODEL_FOLDER / 'README.md')
     assert "scikit-learn's handwritten digits" in card.text and 'random initialisation' in card.text
     assert f'batch size {demo.DEMO_RECIPE["batch_size"]}' in card.text
     assert f'learning rate {demo.DEMO_RECIPE["lr"]:g}' in card.text
@@ -64,7 +64,7 @@ def test_the_reloaded_hub_folder_measures_what_training_measured(demo_run):
 def test_says_where_everything_went_and_the_next_commands_work(demo_run, capsys):
     out, printed = demo_run
     assert f'Everything is in {out}/:' in printed
-    assert f'{out / "data"}/' in printed and f'{out / "model"}/' in printed
+    assert f'{out / "data"}/' in printed and f'{out / demo.MODEL_FOLDER}/' in printed
     commands = [line.strip() for line in printed.splitlines() if line.strip().startswith('timm-densenet-ext ')]
     assert [c.split()[1] for c in commands] == ['predict', 'export', 'push']
     predict = shlex.split(commands[0])[1:]
@@ -75,9 +75,9 @@ def test_says_where_everything_went_and_the_next_commands_work(demo_run, capsys)
 
 def test_an_earlier_run_is_kept_without_force(demo_run, capsys):
     out, _ = demo_run
-    before = (out / 'model' / 'model.safetensors').read_bytes()
+    before = (out / demo.MODEL_FOLDER / 'model.safetensors').read_bytes()
     assert main(['demo', '--out', str(out)]) == 2
     err = capsys.readouterr().err
     assert err.splitlines() == [f'timm-densenet-ext demo: error: {out / "data"}: exists from an earlier run; pass '
                                 f'--force to replace it, or give another --out.']
-    assert (out / 'model' / 'model.safetensors').read_bytes() == before
+    assert (out / demo.MODEL_FOLDER / 'model.safetensors').read_bytes() == before

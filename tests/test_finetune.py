@@ -84,7 +84,7 @@ def test_the_card_records_data_recipe_and_accuracy(data, trained_run):
     best = max(float(e.split('val accuracy')[1].split('%')[0]) for e in epochs)
 
     assert '## Training' in text and 'the image folder `fruit/`' in text
-    assert '24 training and\n12 validation images of 3 classes\n(apple, banana, cherry)' in text
+    assert '- **Images:** 24 for training, 12 for validation\n- **Classes:** apple, banana, cherry (3, in' in text
     assert '- 3 epochs, batch size 6, from `local-dir:' in text
     assert 'AdamW (timm `create_optimizer_v2`), learning rate 0.01, weight decay 0.05' in text
     assert 'input 16 x 16' in text and 'scale (0.7, 1.0), horizontal flip 0' in text

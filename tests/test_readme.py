@@ -30,8 +30,8 @@ def section(title: str) -> str:
 
 
 def _demo_folder(cwd: Path) -> None:
-    """What `timm-densenet-ext demo` leaves: densenet-demo/model (a 10-digit DenseNet-BC at 16 px) and images."""
-    tiny_hub_folder(cwd / 'densenet-demo' / 'model', [str(d) for d in range(10)])
+    """What `timm-densenet-ext demo` leaves: a 10-digit DenseNet-BC hub folder at 8 px, and images."""
+    tiny_hub_folder(cwd / 'densenet-demo' / 'densenet_bc_100_k12.digits', [str(d) for d in range(10)], img_size=8)
     for i in range(3):
         write_image(cwd / 'densenet-demo' / 'data' / 'val' / '7' / f'{i:04d}.png', size=(8, 8), seed=i)
 
@@ -42,7 +42,7 @@ def _converted_folder(cwd: Path) -> None:
 
 
 # the local folders the README's code reads, and how to make each
-FOLDERS = {'densenet-demo/model': _demo_folder, 'densenet121.my_in1k': _converted_folder}
+FOLDERS = {'densenet-demo/densenet_bc_100_k12.digits': _demo_folder, 'densenet121.my_in1k': _converted_folder}
 
 
 def test_quick_start_is_two_commands_and_the_second_is_ci_s():

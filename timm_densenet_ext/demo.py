@@ -14,9 +14,10 @@ from typing import Callable, Optional, Tuple, Union
 
 from .finetune import FinetuneResult, evaluate, finetune
 
-__all__ = ['DEMO_MODEL', 'DEMO_RECIPE', 'DemoResult', 'write_digits_folder', 'run_demo']
+__all__ = ['DEMO_MODEL', 'MODEL_FOLDER', 'DEMO_RECIPE', 'DemoResult', 'write_digits_folder', 'run_demo']
 
 DEMO_MODEL = 'densenet_bc_100_k12'
+MODEL_FOLDER = 'densenet_bc_100_k12.digits'  # named as Hub repositories of timm weights are: architecture.tag
 # Measured on 2 CPU cores: see README (Quick start) for the accuracy and time this gives.
 # The digits' own 8 x 8 pixels (DenseNet-BC needs 4 or more); no flips, which would turn digits into other shapes.
 DEMO_RECIPE = dict(epochs=8, batch_size=32, lr=2e-3, weight_decay=0.05, img_size=8, hflip=0.0, scale=(0.6, 1.0))
@@ -74,9 +75,9 @@ def run_demo(
         log: Callable[[str], None] = print,
         **recipe,
 ) -> DemoResult:
-    """Run the demo into `out_dir`: data/ (the digits as an image folder) and model/ (the hub folder).
+    """Run the demo into `out_dir`: data/ (the digits as an image folder) and densenet_bc_100_k12.digits/ (the hub folder).
 
-    Existing data/ or model/ folders in `out_dir` are replaced only with `force`; nothing else there is touched.
+    Existing data/ or densenet_bc_100_k12.digits/ folders in `out_dir` are replaced only with `force`; nothing else there is touched.
     `recipe` overrides `DEMO_RECIPE` (fewer epochs for a quick check). Returns a `DemoResult`.
     """
     import timm
@@ -84,7 +85,7 @@ def run_demo(
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    data_dir, model_dir = out_dir / 'data', out_dir / 'model'
+    data_dir, model_dir = out_dir / 'data', out_dir / MODEL_FOLDER
     for folder in (data_dir, model_dir):
         if folder.exists() and not force:
             raise FileExistsError(
@@ -113,8 +114,8 @@ def run_demo(
     log(f"reloaded timm.create_model('local-dir:{model_dir}', pretrained=True): validation accuracy "
         f'{100 * correct / total:.2f}% ({correct}/{total}), best epoch {result.best_epoch} of {len(result.history)}')
     log(f'done in {seconds:.0f} s. Everything is in {out_dir}/:')
-    log(f'  {data_dir}/    the digits as an image folder (train/ and val/, one folder per class)')
-    log(f'  {model_dir}/   the hub folder: model.safetensors, config.json (with the label names), README.md '
+    log(f'  {data_dir}/  the digits as an image folder (train/ and val/, one folder per class)')
+    log(f'  {model_dir}/  the hub folder: model.safetensors, config.json (with the label names), README.md '
         f'(the model card: data, recipe, accuracy)')
     example = next(iter(sorted((data_dir / 'val' / '7').iterdir())))
     log('next:')

@@ -210,7 +210,7 @@ def _training_record(
             f'cross-entropy with label smoothing {recipe.label_smoothing:g}',
             f'input {size[1]} x {size[2]}; timm training transform: random-resized crop, scale '
             f'{tuple(recipe.scale)}, horizontal flip {recipe.hflip:g}, colour jitter {recipe.color_jitter:g}; '
-            f'validation: `resolve_data_config` / `create_transform` as in Preprocessing below',
+            f'validation: `resolve_data_config` / `create_transform` as in Preprocessing above',
             f'seed {recipe.seed}',
         ],
         best_epoch=best['epoch'],
