@@ -205,8 +205,8 @@ def test_card_statistics_preprocessing_and_pyramid_are_measured(name):
         assert int(params.replace(',', '')) == stats.params
         assert float(gmacs) == pytest.approx(stats.gmacs, abs=0.005)
         assert float(activations) == pytest.approx(stats.activations_m, abs=0.005)
-    if name.startswith('densenet121.'):  # the GUIDE's reference figures for timm's DenseNet-121
-        assert rows[0][3:5] == ('7,978,856', '2.83')
+    if name.startswith('densenet121.'):  # the GUIDE's timm figures, less 3/4 of the transitions' 0.308 GMACs
+        assert rows[0][3:5] == ('7,978,856', '2.60')
 
     assert f'- **Input size:** {cfg.input_size[1]} x {cfg.input_size[2]}\n' in text
     assert f'- **crop_pct:** {cfg.crop_pct} ' in text

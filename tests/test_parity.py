@@ -52,7 +52,8 @@ def test_legacy_torchvision_checkpoint_loads_via_pretrained(tmp_path):
         'tv_densenet121', pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        assert torch.equal(model(x), source(x))
+        out, expected = model(x), source(x)
+    assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
 def test_filter_maps_legacy_and_wrapped_keys():
