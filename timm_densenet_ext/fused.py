@@ -88,9 +88,10 @@ class _ClampConv(nn.Module):
         self.register_buffer('bias', bias.to(**dd))
         self.pool = pool
         self.relu = relu
+        self.upper_bounds = bool((hi < float('inf')).any())  # some scale s < 0; usually none, and one bound is cheaper
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.clamp(x, self.lo, self.hi)
+        x = torch.clamp(x, self.lo, self.hi) if self.upper_bounds else torch.clamp_min(x, self.lo)
         if self.pool:
             x = F.avg_pool2d(x, 2, 2)
         x = F.conv2d(x, self.weight, self.bias)
