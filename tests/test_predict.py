@@ -130,6 +130,7 @@ def test_weights_file_loads_through_convert_s_reader(tmp_path, capsys):
     (['densenet264d', 'x.png', '--pretrained'], 'densenet264d: has no pretrained weights; leave out --pretrained'),
     (['resnet50', 'x.png', '--pretrained'], "unknown model 'resnet50'"),
     (['local-dir:nowhere', 'x.png'], 'local-dir:nowhere: no such folder nowhere'),
+    (['hf-hub:me/nowhere', 'x.png'], 'hf-hub:me/nowhere: not in the local Hugging Face cache'),
     (['densenet121', 'x.png', '--weights', 'nowhere.pth'], 'nowhere.pth: no such file'),
     (['densenet121', 'x.png', '--pretrained', '--top-k', '0'], '--top-k 0: give 1 or more'),
 ])
