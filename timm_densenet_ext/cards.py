@@ -16,6 +16,7 @@ import torch
 from huggingface_hub import ModelCard, ModelCardData
 from timm.layers import BlurPool2d
 
+from ._files import move_into_place
 from .stats import measure
 from .variants import default_cfgs, resolve_model_name
 
@@ -300,17 +301,7 @@ def _write_atomic(path: Path, text: str, force: bool) -> None:
         with os.fdopen(fd, 'w', encoding='utf-8', newline='') as f:
             f.write(text)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make the card private
-        if force:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # fails if `path` exists, even one created since we looked
-            except FileExistsError:
-                raise FileExistsError(f'{path} exists; pass --force (force=True) to overwrite it.') from None
-            except OSError:  # a filesystem without hard links
-                if path.exists():
-                    raise FileExistsError(f'{path} exists; pass --force (force=True) to overwrite it.') from None
-                os.replace(tmp, path)
+        move_into_place(tmp, path, force, f'{path} exists; pass --force (force=True) to overwrite it.')
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

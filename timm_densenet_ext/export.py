@@ -6,7 +6,6 @@ The file is written under a temporary name beside `out`, loaded back (onnxruntim
 `out`; an existing `out` is replaced only with `force`.
 """
 import inspect
-import os
 import secrets
 import warnings
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Callable, Dict, Tuple, Union
 import torch
 import torch.nn as nn
 
+from ._files import move_into_place
 from .loading import load_model
 
 __all__ = ['FORMATS', 'TOLERANCE', 'ExportResult', 'export_model', 'load_exported']
@@ -87,22 +87,6 @@ def load_exported(path: Union[str, Path], fmt: str) -> Callable[[torch.Tensor], 
     raise ValueError(f'--format {fmt!r}: choose one of {", ".join(FORMATS)}.')
 
 
-def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
-    if force:
-        os.replace(tmp, out)
-        return
-    try:
-        os.link(tmp, out)  # fails if `out` exists, even one created since we looked
-    except FileExistsError:
-        raise FileExistsError(f'{out}: exists; pass --force to replace it, or choose another --out.') from None
-    except OSError:  # a filesystem without hard links
-        if out.exists():
-            raise FileExistsError(f'{out}: exists; pass --force to replace it, or choose another --out.') from None
-        os.replace(tmp, out)
-        return
-    os.unlink(tmp)
-
-
 def export_model(
         model_name: str,
         fmt: str,
@@ -154,7 +138,7 @@ def export_model(
             raise RuntimeError(f'the exported {fmt} file differs from PyTorch by {max_diff:.2e} (more than '
                                f'{TOLERANCE:g}); nothing was written')
         size = tmp.stat().st_size
-        _move_into_place(tmp, out, force)
+        move_into_place(tmp, out, force, f'{out}: exists; pass --force to replace it, or choose another --out.')
     finally:
         if tmp.exists():
             tmp.unlink()
