@@ -20,9 +20,10 @@ from timm.layers import BatchNormAct2d, BlurPool2d, create_classifier, get_norm_
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import MATCH_PREV_GROUP
 
-__all__ = ['DenseLayer', 'DenseBlock', 'DenseTransition', 'DenseNet', 'STEM_TYPES']
+__all__ = ['DenseLayer', 'DenseBlock', 'DenseTransition', 'AtrousAvgPool2d', 'DenseNet', 'STEM_TYPES', 'FEATURE_TAPS']
 
 STEM_TYPES = ('', 'deep', 'deep_tiered', 'deep_tiered_narrow', 'cifar')
+FEATURE_TAPS = ('raw', 'norm')
 
 
 def check_input(x: torch.Tensor, in_chans: int, min_size: int) -> torch.Tensor:
@@ -114,7 +115,7 @@ class _NormActConv(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, norm: nn.Module, padding: int, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
+    def forward(ctx: Any, norm: nn.Module, dilation: int, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
                 conv_weight: torch.Tensor, *xs: torch.Tensor) -> torch.Tensor:
         x = xs[0] if len(xs) == 1 else torch.cat(xs, 1)
         momentum = 0.
@@ -123,9 +124,10 @@ class _NormActConv(torch.autograd.Function):
             momentum = 1. / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
         y, mean, invstd = torch.ops.aten.native_batch_norm(
             x, bn_weight, bn_bias, norm.running_mean, norm.running_var, True, momentum, norm.eps)
-        out = F.conv2d(y.relu_(), conv_weight, None, 1, padding)
+        padding = dilation * (conv_weight.shape[-1] // 2)  # 'same' for the odd kernels of a dense layer
+        out = F.conv2d(y.relu_(), conv_weight, None, 1, padding, dilation)
         ctx.save_for_backward(bn_weight, bn_bias, conv_weight, mean, invstd, *xs)
-        ctx.eps, ctx.padding = norm.eps, padding
+        ctx.eps, ctx.padding, ctx.dilation = norm.eps, padding, dilation
         return out
 
     @staticmethod
@@ -137,7 +139,7 @@ class _NormActConv(torch.autograd.Function):
         shift = bn_bias - mean * scale
         y = torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1)).relu_()
         grad_y, grad_conv, _ = torch.ops.aten.convolution_backward(
-            grad_out, y, conv_weight, None, [1, 1], [ctx.padding, ctx.padding], [1, 1], False, [0, 0], 1,
+            grad_out, y, conv_weight, None, [1, 1], [ctx.padding] * 2, [ctx.dilation] * 2, False, [0, 0], 1,
             [True, ctx.needs_input_grad[4], False])
         grad_y = torch.ops.aten.threshold_backward(grad_y, y, 0)
         del y
@@ -159,6 +161,7 @@ class DenseLayer(nn.Module):
             norm_layer: Type[nn.Module],
             drop_rate: float = 0.,
             grad_checkpointing: bool = False,
+            dilation: int = 1,
             device=None,
             dtype=None,
     ) -> None:
@@ -167,7 +170,8 @@ class DenseLayer(nn.Module):
         self.norm1 = norm_layer(num_input_features, **dd)
         self.conv1 = nn.Conv2d(num_input_features, bn_size * growth_rate, 1, bias=False, **dd)
         self.norm2 = norm_layer(bn_size * growth_rate, **dd)
-        self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, 3, padding=1, bias=False, **dd)
+        self.conv2 = nn.Conv2d(
+            bn_size * growth_rate, growth_rate, 3, padding=dilation, dilation=dilation, bias=False, **dd)
         self.drop_rate = float(drop_rate)
         self.grad_checkpointing = grad_checkpointing
 
@@ -190,8 +194,9 @@ class DenseLayer(nn.Module):
         the BN running statistics as the forward pass left them.
         """
         if _efficient_norm(self.norm1) and _efficient_norm(self.norm2):
-            x = _NormActConv.apply(self.norm1, 0, self.norm1.weight, self.norm1.bias, self.conv1.weight, *features)
-            x = _NormActConv.apply(self.norm2, 1, self.norm2.weight, self.norm2.bias, self.conv2.weight, x)
+            x = _NormActConv.apply(self.norm1, 1, self.norm1.weight, self.norm1.bias, self.conv1.weight, *features)
+            x = _NormActConv.apply(
+                self.norm2, self.conv2.dilation[0], self.norm2.weight, self.norm2.bias, self.conv2.weight, x)
             if self.drop_rate > 0.:
                 x = F.dropout(x, p=self.drop_rate, training=self.training)
             return x
@@ -238,6 +243,7 @@ class DenseBlock(nn.ModuleDict):
             norm_layer: Type[nn.Module],
             drop_rate: float = 0.,
             grad_checkpointing: bool = False,
+            dilation: int = 1,
             device=None,
             dtype=None,
     ) -> None:
@@ -251,6 +257,7 @@ class DenseBlock(nn.ModuleDict):
                 norm_layer=norm_layer,
                 drop_rate=drop_rate,
                 grad_checkpointing=grad_checkpointing,
+                dilation=dilation,
                 device=device,
                 dtype=dtype,
             ))
@@ -291,8 +298,31 @@ class DenseBlock(nn.ModuleDict):
         return torch.cat(features, 1)
 
 
+class AtrousAvgPool2d(nn.Module):
+    """A stride-2 2x2 average pool evaluated at every pixel: stride 1, its taps `dilation` pixels apart.
+
+    With the blocks after it dilated (output_stride < 32), every other pixel of the output is exactly what the
+    network computes at stride 32 (the algorithme a trous); the pixels in between are filled in the same way.
+    """
+
+    def __init__(self, dilation: int = 1) -> None:
+        super().__init__()
+        self.dilation = dilation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.dilation
+        x = F.pad(x, (0, d, 0, d), mode='replicate')  # only the in-between pixels at the far edges see the padding
+        return (x[:, :, :-d, :-d] + x[:, :, d:, :-d] + x[:, :, :-d, d:] + x[:, :, d:, d:]) * 0.25
+
+    def extra_repr(self) -> str:
+        return f'dilation={self.dilation}'
+
+
 class DenseTransition(nn.Sequential):
     """BN-ReLU-Conv1x1 compression then 2x downsampling (average or blur pool).
+
+    With `stride=1` (output_stride < 32) the average pool keeps the resolution instead (`AtrousAvgPool2d`, at the
+    dilation of the block before it) and the blocks after it dilate their 3x3 convolutions.
 
     With average pooling the pool runs before the convolution: the two commute (both linear, the pool the same for
     every channel), so the convolution sees a quarter of the pixels. Module names and weights are unchanged.
@@ -304,6 +334,8 @@ class DenseTransition(nn.Sequential):
             num_output_features: int,
             norm_layer: Type[nn.Module],
             aa_layer: Optional[Type[nn.Module]] = None,
+            stride: int = 2,
+            dilation: int = 1,
             device=None,
             dtype=None,
     ) -> None:
@@ -311,17 +343,25 @@ class DenseTransition(nn.Sequential):
         super().__init__()
         self.add_module('norm', norm_layer(num_input_features, **dd))
         self.add_module('conv', nn.Conv2d(num_input_features, num_output_features, 1, bias=False, **dd))
-        if aa_layer is not None:
+        if stride == 1:
+            if aa_layer is not None:
+                raise ValueError('output_stride below 32 needs average-pool transitions; this DenseNet blurs in its '
+                                 'transitions (aa_stem_only=False). Use output_stride=32 or aa_stem_only=True.')
+            self.add_module('pool', AtrousAvgPool2d(dilation))  # no weights: the state dict is unchanged
+        elif aa_layer is not None:
             self.add_module('pool', aa_layer(num_output_features, stride=2, **dd))
         else:
             self.add_module('pool', nn.AvgPool2d(kernel_size=2, stride=2))
         self.pool_first = aa_layer is None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(x)
+    def downsample(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything after the norm: compress and pool the normalised block output."""
         if self.pool_first:
             return self.conv(self.pool(x))
         return self.pool(self.conv(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.downsample(self.norm(x))
 
 
 def _factory_kwargs(device, dtype) -> Dict[str, Any]:
@@ -372,6 +412,11 @@ class DenseNet(nn.Module):
         drop_rate: Dropout before the classifier.
         proj_drop_rate: Dropout after each dense layer.
         memory_efficient: Start with gradient checkpointing of the bottlenecks (see `set_grad_checkpointing`).
+        output_stride: 32, 16 or 8: the largest downsampling of the input. Below 32 the last transitions keep the
+            resolution and the blocks after them dilate their 3x3 convolutions instead; the weights are the same.
+        feature_taps: What `features_only` and `forward_intermediates` return for the blocks before a transition:
+            'raw' their outputs, as timm's DenseNet (pre-activation: not normalised), or 'norm' the same after the
+            following transition's BN-ReLU. The stem and last taps are normalised either way.
     """
 
     def __init__(
@@ -392,12 +437,18 @@ class DenseNet(nn.Module):
             drop_rate: float = 0.,
             proj_drop_rate: float = 0.,
             memory_efficient: bool = False,
+            output_stride: int = 32,
+            feature_taps: str = 'raw',
             device=None,
             dtype=None,
     ) -> None:
         super().__init__()
         if stem_type not in STEM_TYPES:
             raise ValueError(f'Unknown stem_type {stem_type!r}, expected one of {STEM_TYPES}.')
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f'output_stride must be 32, 16 or 8, got {output_stride!r}.')
+        if feature_taps not in FEATURE_TAPS:
+            raise ValueError(f'Unknown feature_taps {feature_taps!r}, expected one of {FEATURE_TAPS}.')
         if not 0. < compression <= 1.:
             raise ValueError(f'compression must be in (0, 1], got {compression}.')
         dd = _factory_kwargs(device, dtype)
@@ -419,6 +470,8 @@ class DenseNet(nn.Module):
             stride *= 2
 
         num_features = num_init_features
+        dilation = 1
+        norm_taps = [self.feature_info[0]['module']]  # the module names of the taps with feature_taps='norm'
         for i, num_layers in enumerate(block_config):
             name = f'denseblock{i + 1}'
             self.features.add_module(name, DenseBlock(
@@ -429,23 +482,38 @@ class DenseNet(nn.Module):
                 norm_layer=norm_layer,
                 drop_rate=proj_drop_rate,
                 grad_checkpointing=memory_efficient,
+                dilation=dilation,
                 **dd,
             ))
             num_features += num_layers * growth_rate
             if i != len(block_config) - 1:
+                transition = f'transition{i + 1}'
                 self.feature_info.append(dict(num_chs=num_features, reduction=stride, module=f'features.{name}'))
+                norm_taps.append(f'features.{transition}.norm')
                 transition_aa = None if aa_stem_only else aa_layer
+                transition_stride = 2 if stride < output_stride else 1
                 out_features = int(num_features * compression)
-                self.features.add_module(f'transition{i + 1}', DenseTransition(
-                    num_features, out_features, norm_layer=norm_layer, aa_layer=transition_aa, **dd))
-                downsample_ops.append((3, 2, 1, 2) if transition_aa is not None else (2, 2, 0, 2))
+                self.features.add_module(transition, DenseTransition(
+                    num_features, out_features, norm_layer=norm_layer, aa_layer=transition_aa,
+                    stride=transition_stride, dilation=dilation, **dd))
                 num_features = out_features
-                stride *= 2
+                if transition_stride == 2:
+                    downsample_ops.append((3, 2, 1, 2) if transition_aa is not None else (2, 2, 0, 2))
+                    stride *= 2
+                else:
+                    dilation *= 2
         self.features.add_module('norm5', norm_layer(num_features, **dd))
         self.feature_info.append(dict(num_chs=num_features, reduction=stride, module='features.norm5'))
-        # positions of the feature taps within self.features, for forward_intermediates
+        norm_taps.append('features.norm5')
+        # positions within self.features of the layers whose outputs are the taps (raw), or whose norms give them
         names = [n for n, _ in self.features.named_children()]
-        self.feature_ends = [names.index(f['module'].split('.', 1)[1]) for f in self.feature_info]
+        self.feature_ends = [names.index(f['module'].split('.')[1]) for f in self.feature_info]
+        self.norm_feature_ends = [names.index(m.split('.')[1]) for m in norm_taps]
+        self.feature_taps = feature_taps
+        if feature_taps == 'norm':
+            for info, module in zip(self.feature_info, norm_taps):
+                info['module'] = module
+        self.output_stride = output_stride
         self.min_input_size = _min_input_size(downsample_ops)
 
         self.num_features = self.head_hidden_size = num_features
@@ -560,24 +628,34 @@ class DenseNet(nn.Module):
         """Features and the feature maps at `feature_info`'s taps (all, the last n, or those indexed).
 
         Tap 0 is the stem output, taps 1..n-1 the dense blocks before their transitions, the last the final norm.
-        `norm` has no effect: the last tap is already normalised.
+        `norm=True` returns the block taps normalised, by the BN-ReLU that begins the following transition, as
+        `feature_taps='norm'` does; the stem and last taps are normalised either way.
         """
         if output_fmt != 'NCHW':
             raise ValueError(f"DenseNet returns NCHW feature maps only, got output_fmt='{output_fmt}'.")
         x = _cpu_channels_last(check_input(x, self.in_chans, self.min_input_size))
         intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.feature_ends), indices)
+        ends = self.norm_feature_ends if norm or self.feature_taps == 'norm' else self.feature_ends
+        take_indices, max_index = feature_take_indices(len(ends), indices)
         if torch.jit.is_scripting() or not stop_early:  # TorchScript cannot slice a Sequential
             layers = self.features
         else:
-            layers = self.features[:self.feature_ends[max_index] + 1]
+            layers = self.features[:ends[max_index] + 1]
         feat_idx = 0
         for i, layer in enumerate(layers):
-            x = layer(x)
-            if i in self.feature_ends:
-                if feat_idx in take_indices:
-                    intermediates.append(x)
-                feat_idx += 1
+            if hasattr(layer, 'downsample'):  # a DenseTransition; resolved per layer as TorchScript unrolls the loop
+                x = layer.norm(x)
+                if i in ends:
+                    if feat_idx in take_indices:
+                        intermediates.append(x)
+                    feat_idx += 1
+                x = layer.downsample(x)
+            else:
+                x = layer(x)
+                if i in ends:
+                    if feat_idx in take_indices:
+                        intermediates.append(x)
+                    feat_idx += 1
         if intermediates_only:
             return intermediates
         return x, intermediates
@@ -588,10 +666,23 @@ class DenseNet(nn.Module):
             prune_norm: bool = False,
             prune_head: bool = True,
     ) -> List[int]:
-        """Drop the layers after the last tap in `indices` (and the head); return the kept indices."""
+        """Drop the layers after the last tap in `indices` (and the head); return the kept indices.
+
+        Before the last block, the following transition's norm stays (its convolution and pool go) unless
+        `prune_norm`, so that normalised taps (`feature_taps='norm'`, which always keeps it, or
+        `forward_intermediates(norm=True)`) still work.
+        """
         take_indices, max_index = feature_take_indices(len(self.feature_ends), indices)
         prune_end = max_index < len(self.feature_ends) - 1
-        self.features = self.features[:self.feature_ends[max_index] + 1]
+        end = self.feature_ends[max_index]
+        keep_norm = prune_end and (self.feature_taps == 'norm' or not prune_norm) \
+            and isinstance(self.features[end + 1], DenseTransition)
+        self.features = self.features[:end + 2 if keep_norm else end + 1]
+        if keep_norm:
+            self.features[-1].conv = nn.Identity()
+            self.features[-1].pool = nn.Identity()
+        self.feature_ends = self.feature_ends[:max_index + 1]
+        self.norm_feature_ends = self.norm_feature_ends[:max_index + 1]
         if prune_end:
             self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
         if prune_head or prune_end:

@@ -76,10 +76,10 @@ def _bn_relu_then_conv(
 
 
 class _ClampConv(nn.Module):
-    """clamp(x, lo, hi) per channel, optional 2x2 average pool, then a 1x1 convolution with bias."""
+    """clamp(x, lo, hi) per channel, a transition's average pool (if any), then a 1x1 convolution with bias."""
 
     def __init__(self, lo: torch.Tensor, hi: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                 pool: bool, relu: bool, like: torch.Tensor) -> None:
+                 pool: nn.Module, relu: bool, like: torch.Tensor) -> None:
         super().__init__()
         dd = dict(device=like.device, dtype=like.dtype)
         self.register_buffer('lo', lo.to(**dd).view(1, -1, 1, 1))
@@ -92,8 +92,7 @@ class _ClampConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.clamp(x, self.lo, self.hi) if self.upper_bounds else torch.clamp_min(x, self.lo)
-        if self.pool:
-            x = F.avg_pool2d(x, 2, 2)
+        x = self.pool(x)
         x = F.conv2d(x, self.weight, self.bias)
         return F.relu_(x) if self.relu else x
 
@@ -107,11 +106,12 @@ class _FusedDenseLayer(nn.Module):
         # norm2 follows conv1: fold it into conv1's weight and bias as well
         scale, shift = _bn_scale_shift(layer.norm2, f'{where}.norm2')
         weight, bias = weight * scale.view(-1, 1, 1, 1), bias * scale + shift
-        self.bottleneck = _ClampConv(lo, hi, weight, bias, pool=False, relu=True, like=layer.conv1.weight)
+        self.bottleneck = _ClampConv(lo, hi, weight, bias, pool=nn.Identity(), relu=True, like=layer.conv1.weight)
         self.register_buffer('weight', layer.conv2.weight.detach().clone().contiguous(memory_format=memory_format))
+        self.dilation = layer.conv2.dilation[0]  # output_stride < 32 dilates the later blocks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(self.bottleneck(x), self.weight, None, 1, 1)
+        return F.conv2d(self.bottleneck(x), self.weight, None, 1, self.dilation, self.dilation)
 
 
 class _FusedDenseBlock(nn.Module):
@@ -183,7 +183,8 @@ class FusedDenseNet(nn.Module):
                 if not m.pool_first:
                     raise ValueError(f'fuse_for_inference folds transitions with average pooling; {where} uses '
                                      f'{type(m.pool).__name__}. Use the model as it is.')
-                stages.append(_ClampConv(lo, hi, weight, bias, pool=True, relu=False, like=m.conv.weight))
+                stages.append(_ClampConv(lo, hi, weight, bias, pool=copy.deepcopy(m.pool), relu=False,
+                                         like=m.conv.weight))
             elif name == 'norm5':
                 norm5 = m
             elif name.startswith('conv'):

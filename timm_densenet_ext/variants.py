@@ -87,12 +87,19 @@ def resolve_model_name(model_name: str) -> Tuple[str, str]:
 
 
 def _create_densenet(variant: str, pretrained: bool = False, **kwargs) -> DenseNet:
+    feature_cfg = dict(flatten_sequential=True, **kwargs.pop('feature_cfg', None) or {})
+    if kwargs.get('features_only') and kwargs.get('feature_taps') == 'norm':
+        # the normalised taps are inside the transitions, where timm's FeatureListNet and FeatureDictNet cannot reach
+        feature_cls = kwargs.setdefault('feature_cls', 'getter')
+        if feature_cls in ('list', 'dict'):
+            raise ValueError(f"feature_taps='norm' taps the transitions' norms, which feature_cls='{feature_cls}' "
+                             f"cannot reach; use feature_cls='getter' (the default for these taps), 'hook' or 'fx'.")
     try:
         return build_model_with_cfg(
             DenseNet,
             variant,
             pretrained,
-            feature_cfg=dict(flatten_sequential=True),
+            feature_cfg=feature_cfg,
             pretrained_filter_fn=checkpoint_filter_fn,
             **kwargs,
         )
