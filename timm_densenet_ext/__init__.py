@@ -14,6 +14,7 @@ _LAZY = {
     'render_model_card': 'cards', 'write_model_cards': 'cards',
     'model_stats': 'stats',
     'fuse_for_inference': 'fused',
+    'fpn_backbone': 'detection',
 }
 
 __all__ = ['DenseNet', 'DenseLayer', 'DenseBlock', 'DenseTransition', 'MODEL_NAMES', 'checkpoint_filter_fn',
