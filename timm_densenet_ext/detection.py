@@ -11,6 +11,7 @@ import timm
 import torch
 import torch.nn as nn
 from timm.layers import FrozenBatchNormAct2d, freeze_batch_norm_2d
+from timm.models._features import FeatureGetterNet
 from timm.utils.model import freeze
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool
@@ -108,14 +109,17 @@ def fpn_backbone(
     if norm_layer is not None and not frozen_norms:
         kwargs['norm_layer'] = norm_layer
     returned_stages = [int(i) for i in returned_stages]
-    body = timm.create_model(
-        model_name, pretrained=pretrained, features_only=True, feature_cls='getter', out_indices=returned_stages,
-        output_stride=output_stride, feature_taps=feature_taps, **kwargs)
-    model = body.model
+    try:
+        model = timm.create_model(
+            model_name, pretrained=pretrained, output_stride=output_stride, feature_taps=feature_taps, **kwargs)
+    except TypeError as e:  # another architecture refuses our keywords
+        if 'unexpected keyword argument' not in str(e):
+            raise
+        model = e
     if not isinstance(model, DenseNet):
-        raise TypeError(f'fpn_backbone builds on timm_densenet_ext DenseNets; {model_name!r} is a '
-                        f'{type(model).__name__}. Pick one of `timm.list_models("*densenet*")`.')
-    num_stages = sum(1 for n, _ in model.features.named_children() if n.startswith('denseblock'))
+        raise TypeError(f'fpn_backbone builds on timm_densenet_ext DenseNets; {model_name!r} is not one '
+                        f'({model if isinstance(model, Exception) else type(model).__name__}). '
+                        f'Pick one of timm_densenet_ext.MODEL_NAMES, e.g. densenet121.')
     n_blocks = len(model.feature_info) - 1
     if not returned_stages or any(not 1 <= i <= n_blocks for i in returned_stages):
         raise ValueError(f'returned_stages must name dense blocks 1 to {n_blocks} of {model_name}, '
@@ -123,6 +127,9 @@ def fpn_backbone(
     if not 0 <= trainable_stages <= n_blocks + 1:
         raise ValueError(f'trainable_stages must be 0 to {n_blocks + 1} for {model_name} (the stem and '
                          f'{n_blocks} stages), got {trainable_stages}.')
+    # timm's features_only getter: drops the head and the layers after the last returned tap
+    body = FeatureGetterNet(model, out_indices=returned_stages)
+    num_stages = sum(1 for n, _ in model.features.named_children() if n.startswith('denseblock'))
     if frozen_norms:
         freeze_batch_norm_2d(model)
     stages = stage_modules(model)
