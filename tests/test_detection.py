@@ -62,7 +62,7 @@ def test_faster_rcnn_trains_on_a_fixed_batch_and_detects():
     model = backbone.body.model
     frozen = [n for stage in stage_modules(model)[:2] for n in stage]  # trainable_stages=3: stem and stage 1
     before = _frozen_state(model, frozen)
-    detector = FasterRCNN(backbone, num_classes=3, min_size=SIZE, max_size=SIZE)
+    detector = FasterRCNN(backbone, num_classes=3, min_size=SIZE, max_size=SIZE, box_batch_size_per_image=64)
     losses, loss_dict = _train(detector, steps=8)
     assert set(loss_dict) == {'loss_classifier', 'loss_box_reg', 'loss_objectness', 'loss_rpn_box_reg'}
     assert all(torch.isfinite(torch.tensor(losses)))
@@ -88,7 +88,8 @@ def test_retinanet_fcos_and_mask_rcnn_train_and_eval_steps():
             lambda: FCOS(fpn_backbone('densenet121', returned_stages=(2, 3, 4),
                                       extra_blocks=LastLevelP6P7(256, 256), **SHALLOW),
                          num_classes=3, min_size=SIZE, max_size=SIZE),
-            lambda: MaskRCNN(fpn_backbone('densenet121', **SHALLOW), num_classes=3, min_size=SIZE, max_size=SIZE),
+            lambda: MaskRCNN(fpn_backbone('densenet121', **SHALLOW), num_classes=3, min_size=SIZE, max_size=SIZE,
+                             box_batch_size_per_image=64),
     ):
         torch.manual_seed(0)
         detector = make()

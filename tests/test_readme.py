@@ -68,7 +68,7 @@ def test_the_test_extra_brings_what_the_workflows_need():
 
 def test_every_python_block_is_run():
     # a new block that reads a folder nobody makes fails here rather than being skipped
-    assert len(BLOCKS) == 4
+    assert len(BLOCKS) == 5
     for code in BLOCKS:
         for folder in re.findall(r"local-dir:([\w.\-/]+)'", code):
             assert folder in FOLDERS, f'README code loads local-dir:{folder}; add it to FOLDERS in {__file__}'
@@ -80,7 +80,7 @@ def test_readme_python_block_runs_offline(index, tmp_path, monkeypatch, hub_cach
     monkeypatch.chdir(tmp_path)
     for folder in set(re.findall(r"local-dir:([\w.\-/]+)'", code)):
         FOLDERS[folder](tmp_path)
-    for name in set(re.findall(r"create_model\('([\w.]+)', pretrained=True", code)):
+    for name in set(re.findall(r"(?:create_model|fpn_backbone)\('([\w.]+)', pretrained=True", code)):
         arch, tag = resolve_model_name(name)
         cfg = timm.models.get_pretrained_cfg(f'{arch}.{tag}')
         add_weights_to_hub_cache(hub_cache, cfg.hf_hub_id, timm.create_model(arch).state_dict())
