@@ -174,6 +174,9 @@ class FusedDenseNet(nn.Module):
         stages: List[nn.Module] = []
         norm5: Optional[nn.Module] = None
         children = dict(model.features.named_children())
+        if 'norm5' not in children:  # checked first: pruning also strips the last kept transition to its norm
+            raise ValueError('fuse_for_inference needs a whole DenseNet; this one has no features.norm5 '
+                             '(pruned by prune_intermediate_layers?).')
         for name, m in children.items():
             where = f'features.{name}'
             if isinstance(m, DenseBlock):
@@ -194,9 +197,7 @@ class FusedDenseNet(nn.Module):
                 stem.append(copy.deepcopy(m))
             elif not name.startswith('norm'):
                 raise ValueError(f'fuse_for_inference does not know the module {where} ({type(m).__name__}).')
-        if norm5 is None:
-            raise ValueError('fuse_for_inference needs a whole DenseNet; this one has no features.norm5 '
-                             '(pruned by prune_intermediate_layers?).')
+        assert norm5 is not None
         scale, shift = _bn_scale_shift(norm5, 'features.norm5')
         self.stem = nn.Sequential(*stem)
         self.stages = nn.Sequential(*stages)
