@@ -10,11 +10,19 @@ os.environ['HF_HUB_CACHE'] = os.path.join(_SESSION_HOME, 'hf', 'hub')
 os.environ['TORCH_HOME'] = os.path.join(_SESSION_HOME, 'torch')
 os.environ.pop('HF_TOKEN', None)
 os.environ['HF_HUB_DISABLE_TELEMETRY'] = '1'
+# One CPU thread, here and in the processes tests start, unless OMP_NUM_THREADS says otherwise. With two threads on two
+# cores, every operator waits for the thread that shares its core with anything else running: while another process
+# kept one core busy, a DenseNet-121 forward of a 64 px batch took 2.7 s with two threads and 0.04 s with one. The
+# tests' models and inputs are small: their time goes mostly to per-operator overhead, not to arithmetic.
+os.environ.setdefault('OMP_NUM_THREADS', '1')
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+try:
+    torch.set_num_threads(max(1, int(os.environ['OMP_NUM_THREADS'])))
+except ValueError:  # a per-level list such as '2,1'
+    torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -1,4 +1,12 @@
-"""timm's model contract (GUIDE section 2) for every registered variant, on small inputs."""
+"""timm's model contract (GUIDE section 2) for every registered variant, on small inputs.
+
+The per-variant checks run on each variant's layout with two layers per block (`_shallow`): the same stem, growth,
+compression, pooling and code paths, and the same feature taps and reductions, at a fraction of the cost. Variants
+whose shallow models are identical (densenet121/169/201 and their tv_ twins differ only in depth) are checked once
+(`SHALLOW`); tracing, scripting and compiling, whose cost is per layer, run once per code path (`PATHS`: the variants
+left out differ from one of these only in channel counts). One variant, densenet121, is also checked at its full
+depth; full-depth forward passes of every variant are in test_parity and test_registry.
+"""
 import pytest
 import timm
 import torch
@@ -6,6 +14,7 @@ import torch.nn as nn
 from timm.models import group_parameters
 
 import timm_densenet_ext
+from model_helpers import distinct_shallow, shallow
 from timm_densenet_ext.parity import randomize_
 
 NAMES = list(timm_densenet_ext.MODEL_NAMES)
@@ -23,32 +32,40 @@ def _input(name: str, batch: int = 1, in_chans: int = 3) -> torch.Tensor:
 
 def _shallow(name: str) -> dict:
     """Same stem, growth, pooling and code paths, two layers per block: cheap to compile, export and backprop."""
-    blocks = len(timm.create_model(name, pretrained=False).feature_info) - 2
-    return dict(block_config=(2,) * blocks)
+    return shallow(name)
 
 
-def _seeded(name: str, **kwargs) -> nn.Module:
+SHALLOW = distinct_shallow(NAMES, _size)
+# one variant per code path (stem, blur, block count): the others differ from one of these only in channel counts
+PATHS = distinct_shallow(NAMES, _size, channels=False)
+FULL = 'densenet121'
+# (variant, full depth): every distinct shallow variant, or one per code path, and densenet121 as registered
+CASES = [pytest.param(name, False, id=name) for name in SHALLOW] + [pytest.param(FULL, True, id=f'{FULL}-full')]
+PATH_CASES = [pytest.param(name, False, id=name) for name in PATHS] + [pytest.param(FULL, True, id=f'{FULL}-full')]
+
+
+def _seeded(name: str, full: bool = True, **kwargs) -> nn.Module:
     """The same weights every time: models built from one seed are identical, whatever wraps them."""
     torch.manual_seed(0)
-    return timm.create_model(name, **kwargs)
+    return timm.create_model(name, **(kwargs if full else dict(_shallow(name), **kwargs)))
 
 
 @pytest.fixture(scope='module')
 def models():
-    """One eval-mode model per variant, built once for the module from `_seeded`."""
+    """One eval-mode model per (variant, full depth), built once for the module from `_seeded`."""
     cache = {}
 
-    def get(name):
-        if name not in cache:
-            cache.clear()  # keep one large model alive at a time
-            cache[name] = _seeded(name).eval()
-        return cache[name]
+    def get(name, full):
+        if (name, full) not in cache:
+            cache.clear()  # keep one model alive at a time
+            cache[name, full] = _seeded(name, full).eval()
+        return cache[name, full]
     return get
 
 
-@pytest.mark.parametrize('name', NAMES)
-def test_forward_features_head(name, models):
-    model = models(name)
+@pytest.mark.parametrize('name, full', CASES)
+def test_forward_features_head(name, full, models):
+    model = models(name, full)
     x = _input(name)
     with torch.no_grad():
         feats = model.forward_features(x)
@@ -78,13 +95,13 @@ def test_global_pool_and_num_classes(pool):
         assert model(x).shape == (1, 7)
 
 
-@pytest.mark.parametrize('name', NAMES)
-def test_reset_classifier(name, models):
-    model = models(name)
+@pytest.mark.parametrize('name, full', CASES)
+def test_reset_classifier(name, full, models):
+    model = models(name, full)
     x = _input(name)
     with torch.no_grad():
         feats = model.forward_features(x)
-    model_copy = _seeded(name).eval()
+    model_copy = _seeded(name, full).eval()
     model_copy.reset_classifier(10)
     assert model_copy(x).shape == (1, 10) and model_copy.get_classifier().out_features == 10
     model_copy.reset_classifier(0, 'catavgmax')
@@ -118,11 +135,11 @@ def test_group_matcher_covers_every_parameter(name):
 
 
 @pytest.mark.parametrize('feature_cls', ['list', 'dict', 'getter', 'hook', 'fx'])
-@pytest.mark.parametrize('name', NAMES)
-def test_features_only(name, feature_cls, models):
-    n_taps = len(models(name).feature_info)
+@pytest.mark.parametrize('name, full', CASES)
+def test_features_only(name, full, feature_cls, models):
+    n_taps = len(models(name, full).feature_info)
     out_indices = tuple(range(n_taps))
-    fm = _seeded(name, features_only=True, feature_cls=feature_cls, out_indices=out_indices).eval()
+    fm = _seeded(name, full, features_only=True, feature_cls=feature_cls, out_indices=out_indices).eval()
     x = _input(name)
     with torch.no_grad():
         out = fm(x)
@@ -132,7 +149,7 @@ def test_features_only(name, feature_cls, models):
     assert [x.shape[-1] // t.shape[-1] for t in out] == fm.feature_info.reduction()
     # same maps as forward_intermediates of the classifier model
     with torch.no_grad():
-        ref = models(name).forward_intermediates(x, intermediates_only=True)
+        ref = models(name, full).forward_intermediates(x, intermediates_only=True)
     for a, b in zip(out, ref):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
 
@@ -145,9 +162,9 @@ def test_features_only_out_indices(name):
     assert fm.feature_info.channels()[-1] == timm.create_model(name).num_features
 
 
-@pytest.mark.parametrize('name', NAMES)
-def test_forward_intermediates(name, models):
-    model = models(name)
+@pytest.mark.parametrize('name, full', CASES)
+def test_forward_intermediates(name, full, models):
+    model = models(name, full)
     x = _input(name)
     n = len(model.feature_info)
     with torch.no_grad():
@@ -183,9 +200,9 @@ def test_prune_intermediate_layers(name, models):
         assert torch.equal(model(x), feats)  # as timm: the pruned head neither pools nor classifies
 
 
-@pytest.mark.parametrize('name', NAMES)
-def test_torchscript(name, models):
-    model = models(name)
+@pytest.mark.parametrize('name, full', PATH_CASES)
+def test_torchscript(name, full, models):
+    model = models(name, full)
     x = _input(name)
     scripted = torch.jit.script(model)
     with torch.no_grad():
@@ -197,10 +214,10 @@ def test_torchscript(name, models):
     out.sum().backward()
 
 
-@pytest.mark.parametrize('name', NAMES)
-def test_fx(name, models):
+@pytest.mark.parametrize('name, full', PATH_CASES)
+def test_fx(name, full, models):
     from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
-    model = models(name)
+    model = models(name, full)
     x = _input(name)
     tap = model.feature_info[1]['module']
     train_nodes, eval_nodes = get_graph_node_names(model)
@@ -219,7 +236,7 @@ def test_fx(name, models):
 
 
 @pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
-@pytest.mark.parametrize('name', NAMES)
+@pytest.mark.parametrize('name', PATHS)
 def test_torch_export(name, train):
     model = randomize_(timm.create_model(name, **_shallow(name))).train(train)
     x = _input(name)
@@ -232,7 +249,7 @@ def test_torch_export(name, train):
 
 
 @pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
-@pytest.mark.parametrize('name', NAMES)
+@pytest.mark.parametrize('name', PATHS)
 def test_torch_compile(name, train):
     torch._dynamo.reset()
     model = randomize_(timm.create_model(name, **_shallow(name))).train(train)
@@ -270,7 +287,7 @@ def _grads_and_stats(name, checkpointing, seed=0):
     return loss.detach(), grads, buffers
 
 
-@pytest.mark.parametrize('name', NAMES)
+@pytest.mark.parametrize('name', SHALLOW)
 def test_grad_checkpointing_same_gradients(name):
     loss_a, grads_a, stats_a = _grads_and_stats(name, checkpointing=False)
     loss_b, grads_b, stats_b = _grads_and_stats(name, checkpointing=True)
@@ -294,9 +311,9 @@ def test_grad_checkpointing_full_depth_and_memory_efficient_arg():
     assert all(p.grad is not None for p in model.parameters())
 
 
-@pytest.mark.parametrize('name', NAMES)
-def test_bad_input_raises_value_error(name, models):
-    model = models(name)
+@pytest.mark.parametrize('name, full', CASES)
+def test_bad_input_raises_value_error(name, full, models):
+    model = models(name, full)
     size = _size(name)
     with pytest.raises(ValueError, match=r'expects images with 3 channels.*in_chans=1'):
         model(torch.randn(1, 1, size, size))
@@ -324,6 +341,6 @@ def test_min_input_size_matches_timms_limit(name):
 
 
 def test_scripted_model_checks_input():
-    scripted = torch.jit.script(timm.create_model('densenet_bc_100_k12').eval())
+    scripted = torch.jit.script(timm.create_model('densenet_bc_100_k12', **_shallow('densenet_bc_100_k12')).eval())
     with pytest.raises(Exception, match='expects images with 3 channels'):
         scripted(torch.randn(1, 4, 32, 32))

@@ -3,6 +3,10 @@
 Timings are never asserted here; `timm-densenet-ext benchmark` measures them. What is asserted is the numerics of
 every fast path (eval, train, gradients, TorchScript, torch.compile) and the work they avoid (operation counts and
 allocator peaks, which are deterministic).
+
+The numerics run on every distinct layout with two layers per block (`CASES`: each registered variant's stem, growth,
+compression and pooling, the stem types no variant registers, and densenet121 at full depth); the operation counts and
+allocator peaks on full-depth DenseNet-121.
 """
 import copy
 
@@ -14,6 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import timm_densenet_ext
+from model_helpers import distinct_shallow, shallow
 from timm_densenet_ext import fuse_for_inference
 from timm_densenet_ext.densenet import DenseBlock, DenseLayer
 from timm_densenet_ext.fused import FusedDenseNet
@@ -24,6 +29,14 @@ ALL = sorted(timm_densenet_ext.MODEL_NAMES)
 
 def _size(name):
     return 32 if 'cifar' in name or '_bc_' in name else 64
+
+
+# (variant, create_model arguments): every distinct registered layout with two layers per block, the stem types no
+# registered variant uses, and one variant at full depth
+CASES = [pytest.param(name, shallow(name), id=name) for name in distinct_shallow(ALL, _size)] + [
+    pytest.param('densenet121', dict(stem_type=stem, **shallow('densenet121')), id=f'densenet121-{stem}')
+    for stem in ('deep_tiered', 'deep_tiered_narrow')] + [
+    pytest.param('densenet121', {}, id='densenet121-full')]
 
 
 def _rel(a, b):
@@ -55,10 +68,10 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize('name', ALL)
-def test_buffered_inference_matches_autograd_path(name):
+@pytest.mark.parametrize('name, kwargs', CASES)
+def test_buffered_inference_matches_autograd_path(name, kwargs):
     """Without autograd a block writes into one buffer; with it, it concatenates. Same numbers either way."""
-    model = _model(name)
+    model = _model(name, **kwargs)
     x = torch.randn(2, 3, _size(name), _size(name))
     with torch.no_grad():
         fast = model(x)
@@ -97,9 +110,9 @@ def test_transition_pools_before_its_convolution():
     assert _rel(out, reference) <= 1e-5
 
 
-@pytest.mark.parametrize('name', ALL)
-def test_fused_matches_model(name):
-    model = _model(name)
+@pytest.mark.parametrize('name, kwargs', CASES)
+def test_fused_matches_model(name, kwargs):
+    model = _model(name, **kwargs)
     fused = fuse_for_inference(model)
     x = torch.randn(2, 3, _size(name), _size(name))
     with torch.no_grad():
