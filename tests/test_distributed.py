@@ -1,5 +1,4 @@
 """DistributedDataParallel (gloo, two processes on this machine) gives the same step as one process."""
-import os
 from pathlib import Path
 
 import pytest

@@ -513,7 +513,6 @@ class DenseNet(nn.Module):
         if feature_taps == 'norm':
             for info, module in zip(self.feature_info, norm_taps):
                 info['module'] = module
-        self.output_stride = output_stride
         self.min_input_size = _min_input_size(downsample_ops)
 
         self.num_features = self.head_hidden_size = num_features
@@ -643,19 +642,15 @@ class DenseNet(nn.Module):
             layers = self.features[:ends[max_index] + 1]
         feat_idx = 0
         for i, layer in enumerate(layers):
-            if hasattr(layer, 'downsample'):  # a DenseTransition; resolved per layer as TorchScript unrolls the loop
-                x = layer.norm(x)
-                if i in ends:
-                    if feat_idx in take_indices:
-                        intermediates.append(x)
-                    feat_idx += 1
+            # a DenseTransition runs in two parts, its norm being a tap; hasattr is resolved per layer as
+            # TorchScript unrolls the loop (isinstance is not, for a transition whose submodules differ)
+            x = layer.norm(x) if hasattr(layer, 'downsample') else layer(x)
+            if i in ends:
+                if feat_idx in take_indices:
+                    intermediates.append(x)
+                feat_idx += 1
+            if hasattr(layer, 'downsample'):
                 x = layer.downsample(x)
-            else:
-                x = layer(x)
-                if i in ends:
-                    if feat_idx in take_indices:
-                        intermediates.append(x)
-                    feat_idx += 1
         if intermediates_only:
             return intermediates
         return x, intermediates

@@ -129,13 +129,10 @@ def fpn_backbone(
                          f'{n_blocks} stages), got {trainable_stages}.')
     # timm's features_only getter: drops the head and the layers after the last returned tap
     body = FeatureGetterNet(model, out_indices=returned_stages)
-    num_stages = sum(1 for n, _ in model.features.named_children() if n.startswith('denseblock'))
     if frozen_norms:
         freeze_batch_norm_2d(model)
-    stages = stage_modules(model)
-    # stages pruned off above the last returned one count as trainable: there is nothing in them to freeze
-    num_frozen = max(0, n_blocks + 1 - trainable_stages)
-    frozen = [name for stage in stages[:min(num_frozen, num_stages + 1)] for name in stage]
+    # the stem and the lowest stages; stages pruned off above the last returned one have nothing to freeze
+    frozen = [name for stage in stage_modules(model)[:n_blocks + 1 - trainable_stages] for name in stage]
     if frozen:
         freeze(model.features, frozen)  # requires_grad off, BatchNorm -> FrozenBatchNorm
     return DenseNetFPN(body, out_channels=out_channels, extra_blocks=extra_blocks)
