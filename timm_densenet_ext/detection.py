@@ -97,8 +97,8 @@ def fpn_backbone(
             `trainable_layers`. Frozen modules keep their parameters and BatchNorm statistics, also in train mode.
         returned_stages: Dense blocks (1 = the first) whose features feed the pyramid.
         output_stride: 32, 16 or 8; below 32 the last stages dilate instead of downsampling.
-        norm_layer: FrozenBatchNorm2d (torchvision's, which timm uses too; the default) freezes every BatchNorm, as torchvision
-            does; nn.BatchNorm2d (or another norm) keeps the trainable stages' norms trainable.
+        norm_layer: FrozenBatchNorm2d (torchvision's, which timm uses too; the default) freezes every BatchNorm, as
+            torchvision does; nn.BatchNorm2d (or another norm) keeps the trainable stages' norms trainable.
         extra_blocks: Extra pyramid levels (torchvision's `LastLevelMaxPool`, the default, or `LastLevelP6P7`).
         out_channels: Channels of every pyramid level.
         feature_taps: 'norm' (after each block's following BN-ReLU) or 'raw' (the block outputs, as timm's
