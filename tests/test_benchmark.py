@@ -1,5 +1,6 @@
 """The benchmark runs every candidate side by side and writes its table, JSON and chart (figures not asserted)."""
 import json
+import statistics
 
 import pytest
 from PIL import Image
@@ -15,8 +16,8 @@ TRAIN = ['timm', 'timm memory_efficient', 'torchvision', 'torchvision memory_eff
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp('bench')
-    code = cli.main(['benchmark', '--model', 'densenet121', '--batch-size', '2', '--img-size', '32',
-                     '--repeats', '2', '--no-compile', '--no-memory', '--out', str(out)])
+    code = cli.main(['benchmark', '-m', 'densenet121', '-b', '2', '--img-size', '32',
+                     '--repeats', '2', '--no-compile', '--no-memory', '--output', str(out)])
     return code, out
 
 
@@ -29,7 +30,11 @@ def test_benchmark_writes_json_and_chart(run):
     assert [n for m, n in rows if m == 'train'] == TRAIN
     for (mode, name), r in rows.items():
         assert len(r['times_s']) == 2 and r['images_per_s'] > 0 and 0 < r['efficiency']
-    assert rows[('inference', 'timm')]['speedup_vs_timm'] == 1.0
+        # the figures follow from the recorded times: the median, images per second, the ratio to timm's median
+        median = statistics.median(r['times_s'])
+        assert r['median_s'] == pytest.approx(median) and r['images_per_s'] == pytest.approx(2 / median)
+        timm_median = statistics.median(rows[(mode, 'timm')]['times_s'])
+        assert r['speedup_vs_timm'] == pytest.approx(timm_median / median, rel=1e-9)
     for name in ('ours', 'ours fused', 'torchvision', 'timm channels_last'):  # same weights, same outputs
         assert rows[('inference', name)]['max_rel_diff_vs_timm'] <= 1e-4
     assert result['conv_peak_gflops'] > 0 and result['gmacs_per_image'] > 0
@@ -62,7 +67,14 @@ def test_benchmark_rejects_unknown_model(capsys):
 
 
 def test_peak_memory_probe_in_its_own_process():
-    """The CPU figure comes from a fresh process; training holds more than inference of the same model."""
-    train = peak_memory('train', 'ours', 'densenet121', batch_size=2, img_size=64, repeats=1)
-    infer = peak_memory('inference', 'ours', 'densenet121', batch_size=2, img_size=64, repeats=1)
-    assert 0 < infer < train < 2 ** 30
+    """The CPU figure comes from a fresh process; training holds more than inference of the same model, and at
+    least the activations a DenseNet-121 step must keep: the first block's concatenated input alone, 2 x 256 x 16 x 16
+    float32 at 64 px, is 0.5 MiB, and training keeps every layer's."""
+    train = peak_memory('train', 'ours', 'densenet121', batch_size=2, img_size=64, repeats=1, timeout=300)
+    infer = peak_memory('inference', 'ours', 'densenet121', batch_size=2, img_size=64, repeats=1, timeout=300)
+    assert 2 * 256 * 16 * 16 * 4 < infer < train < 2 ** 30
+
+
+def test_a_hanging_memory_probe_is_stopped():
+    with pytest.raises(RuntimeError, match=r'took over 1 s; .*--no-memory'):
+        peak_memory('train', 'ours', 'densenet121', batch_size=2, img_size=64, repeats=1, timeout=1)

@@ -68,7 +68,7 @@ def test_an_existing_output_is_replaced_only_with_force(tiny, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.splitlines() == [f'timm-densenet-ext export: error: {out}: exists; pass --force to replace it, or '
-                                f'choose another --out.']
+                                f'choose another --output FILE.']
     assert out.read_bytes() == b'keep me'
 
     assert main(argv + ['--force']) == 0
@@ -88,7 +88,7 @@ def test_a_failed_check_keeps_nothing(tiny, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize('argv, message', [
     (['densenet121', '--format', 'onnx', '--out', 'm.onnx'], 'densenet121: no weights given'),
-    (['local-dir:TINY', '--format', 'exported-program', '--out', 'm.pt'], 'give --out m.pt2'),
+    (['local-dir:TINY', '--format', 'exported-program', '--out', 'm.pt'], 'give --output m.pt2'),
     (['local-dir:TINY', '--format', 'onnx', '--out', 'sub/m.onnx'], 'sub: no such folder'),
     (['local-dir:TINY', '--format', 'onnx', '--out', '.'], '.: is a folder'),
     (['local-dir:TINY', '--weights', 'bc.pth', '--format', 'onnx', '--out', 'm.onnx'], 'loads its own weights'),

@@ -7,7 +7,7 @@ resident memory during one call, measured in a separate process per candidate (t
 before the call, with glibc returning freed buffers at once), and `torch.cuda.max_memory_allocated` on a GPU. Efficiency is the model's nominal FLOPs per second over this machine's
 measured speed on a large 3x3 convolution.
 
-    timm-densenet-ext benchmark --model densenet121 --batch-size 16 --img-size 224 --out bench/
+    timm-densenet-ext benchmark --model densenet121 --batch-size 16 --img-size 224 --output bench/
 """
 import argparse
 import contextlib
@@ -205,11 +205,13 @@ def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, t
 
 
 def peak_memory(mode: str, name: str, model_name: str = 'densenet121', batch_size: int = 16, img_size: int = 224,
-                device: str = 'cpu', dtype: str = 'float32', seed: int = 0, repeats: int = 2) -> Optional[int]:
+                device: str = 'cpu', dtype: str = 'float32', seed: int = 0, repeats: int = 2,
+                timeout: float = 900.0) -> Optional[int]:
     """Peak memory in bytes of one call of candidate `name` (after a warm-up call), the median of `repeats`.
 
     On the CPU this runs in a fresh process with glibc told to hand freed buffers back at once, so that resident
-    memory tracks what is allocated (in the timing process that would slow every allocation down).
+    memory tracks what is allocated (in the timing process that would slow every allocation down); a probe still
+    running after `timeout` seconds is stopped and reported as an error.
     """
     dev = torch.device(device)
     if dev.type == 'cpu':
@@ -217,7 +219,11 @@ def peak_memory(mode: str, name: str, model_name: str = 'densenet121', batch_siz
                '--model', model_name, '--batch-size', str(batch_size), '--img-size', str(img_size),
                '--device', device, '--dtype', dtype, '--repeats', str(repeats)]
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536', MALLOC_TRIM_THRESHOLD_='65536')
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f'memory probe for {mode} {name!r} took over {timeout:.0f} s; run it with a smaller '
+                               f'--batch-size or --img-size, or skip it with --no-memory.') from None
         if proc.returncode != 0:
             raise RuntimeError(f'memory probe for {mode} {name!r} failed:\n{proc.stderr[-2000:]}')
         value = json.loads(proc.stdout.strip().splitlines()[-1])['peak_bytes']
@@ -386,17 +392,19 @@ def write_chart(result: Dict[str, Any], path: str) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument('--model', default='densenet121', help='variant to measure (default densenet121)')
-    p.add_argument('--batch-size', type=int, default=16)
-    p.add_argument('--img-size', type=int, default=224)
+    p.add_argument('-m', '--model', default='densenet121', metavar='MODEL',
+                   help='variant to measure (default densenet121)')
+    p.add_argument('-b', '--batch-size', type=int, default=16, metavar='B', help='images per batch (default 16)')
+    p.add_argument('--img-size', type=int, default=224, metavar='PX', help='input height and width (default 224)')
     p.add_argument('--repeats', type=int, default=5, help='interleaved rounds; the median counts (default 5)')
     p.add_argument('--device', default='cpu', help="'cpu' or 'cuda'")
     p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16', 'float16'),
                    help='float32, or autocast to bfloat16/float16')
     p.add_argument('--no-train', dest='train', action='store_false', help='inference only')
     p.add_argument('--no-compile', dest='compile', action='store_false', help='skip the torch.compile candidates')
-    p.add_argument('--out', default=None, help='folder for benchmark.json and benchmark.png')
-    p.add_argument('--force', action='store_true', help='replace benchmark.json/.png already in --out')
+    p.add_argument('--output', '--out', dest='output', default=None, metavar='DIR',
+                   help='folder for benchmark.json and benchmark.png (default: print the table only)')
+    p.add_argument('--force', action='store_true', help='replace benchmark.json/.png already in --output')
     p.add_argument('--no-memory', dest='memory', action='store_false', help='skip the peak-memory measurements')
 
 
@@ -404,27 +412,35 @@ def run_from_args(args: argparse.Namespace) -> Dict[str, Any]:
     """What `timm-densenet-ext benchmark` and benchmarks/benchmark.py do: run, print the table, write the files."""
     import timm
     import timm_densenet_ext  # noqa: F401  (registers the variants)
+
+    from ._files import claim
+    from ._naming import arg
     if args.model not in timm.list_models() and not timm.is_model(args.model):
         raise ValueError(f'unknown model {args.model!r}; `timm-densenet-ext list` shows the variants.')
-    paths = []
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        paths = [os.path.join(args.out, n) for n in ('benchmark.json', 'benchmark.png')]
-        existing = [p for p in paths if os.path.exists(p)]
-        if existing and not args.force:
-            raise ValueError(f'{existing[0]} exists; pass --force to replace it, or choose another --out.')
-    result = run_benchmark(args.model, args.batch_size, args.img_size, args.repeats, args.device, args.dtype,
-                           args.train, args.compile, args.memory, log=lambda s: print(s, file=sys.stderr, flush=True))
-    result['command'] = 'timm-densenet-ext benchmark ' + ' '.join(sys.argv[2:] if sys.argv[1:2] == ['benchmark']
-                                                                 else sys.argv[1:])
-    print(format_table(result))
-    if paths:
-        tmp = f'{paths[0]}.tmp-{os.getpid()}'
-        with open(tmp, 'w') as f:
-            json.dump(result, f, indent=2)
-        os.replace(tmp, paths[0])
-        write_chart(result, paths[1])
-        print(f'\nwrote {paths[0]} and {paths[1]}')
+    with contextlib.ExitStack() as stack:
+        paths = []
+        if args.output:
+            os.makedirs(args.output, exist_ok=True)
+            paths = [os.path.join(args.output, n) for n in ('benchmark.json', 'benchmark.png')]
+            for path in paths:  # held from the check to the write: a second run into the same folder is refused
+                stack.enter_context(claim(path))
+            existing = [p for p in paths if os.path.exists(p)]
+            if existing and not args.force:
+                raise FileExistsError(
+                    f'{existing[0]} exists; pass {arg("force")} to replace it, or choose another {arg("out", "DIR")}.')
+        result = run_benchmark(
+            args.model, args.batch_size, args.img_size, args.repeats, args.device, args.dtype, args.train,
+            args.compile, args.memory, log=lambda s: print(s, file=sys.stderr, flush=True))
+        result['command'] = 'timm-densenet-ext benchmark ' + ' '.join(
+            sys.argv[2:] if sys.argv[1:2] == ['benchmark'] else sys.argv[1:])
+        print(format_table(result))
+        if paths:
+            tmp = f'{paths[0]}.tmp-{os.getpid()}'
+            with open(tmp, 'w') as f:
+                json.dump(result, f, indent=2)
+            os.replace(tmp, paths[0])
+            write_chart(result, paths[1])
+            print(f'\nwrote {paths[0]} and {paths[1]}')
     return result
 
 
@@ -442,7 +458,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     try:
         run_from_args(args)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     return 0

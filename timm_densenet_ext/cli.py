@@ -1,13 +1,18 @@
 """`timm-densenet-ext`: the package's functions from the command line.
 
-Each subcommand parses its arguments and calls one public function. Errors the user can fix are raised as
-`CliError` (or ValueError/FileNotFoundError from the library) and printed as one line with exit code 2.
+Each subcommand parses its arguments and calls one public function. One grammar for every subcommand, timm's
+scripts' (`-m/--model`, `-b/--batch-size`, `--topk`, `--checkpoint`, `--data-dir`, `--output`, `--img-size`,
+`--pretrained`), with this tool's earlier names kept as aliases. Errors the user can fix are raised as `CliError`
+(or ValueError/FileNotFoundError/... from the library, whose messages name flags while the CLI runs) and printed as
+one line with exit code 2.
 """
 import argparse
 import json
+import os
+import shlex
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 __all__ = ['main', 'CliError', 'list_models_table', 'model_info']
 
@@ -63,19 +68,6 @@ def model_info(model_name: str) -> Dict[str, object]:
     )
 
 
-def _cmd_list(args: argparse.Namespace) -> None:
-    rows = list_models_table()
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return
-    header = f'{"name":<22}{"params":>14}{"GMACs":>9}  {"input":<10}pretrained tags'
-    print(header)
-    print('-' * len(header))
-    for r in rows:
-        size = 'x'.join(str(s) for s in r['input_size'][1:])
-        print(f'{r["name"]:<22}{r["params"]:>14,}{r["gmacs"]:>9.2f}  {size:<10}{", ".join(r["pretrained_tags"]) or "-"}')
-
-
 def _cmd_info(args: argparse.Namespace) -> None:
     info = model_info(args.model)
     if args.json:
@@ -96,56 +88,56 @@ def _cmd_info(args: argparse.Namespace) -> None:
         print(f'    {k:<18}{v}')
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog='timm-densenet-ext',
-        description='DenseNet variants for timm: classify, fine-tune, export, inspect, convert, publish.')
-    sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
+# ---- arguments shared by the subcommands: the same flags, help and aliases everywhere
 
-    p = sub.add_parser('list', help='table of every variant: parameters, GMACs, pretrained tags')
-    p.add_argument('--json', action='store_true', help='print JSON instead of a table')
-    p.set_defaults(func=_cmd_list)
+_MODEL_HELP = ('a variant (densenet121, densenet121.tv_in1k), or a hub folder local-dir:DIR (from convert or '
+               'finetune), which brings its own weights and class names')
 
-    p = sub.add_parser('info', help="a variant's pretrained config, feature pyramid, parameters and GMACs")
-    p.add_argument('model', help='variant name, optionally with a pretrained tag (densenet121.tv_in1k)')
+
+def _add_model(p: argparse.ArgumentParser, help: str = _MODEL_HELP, positional: bool = True,
+               required: bool = True) -> None:
+    """-m/--model MODEL; `positional` also accepts it as the first argument, this tool's earlier form."""
+    p.add_argument('-m', '--model', metavar='MODEL', help=help + ('' if required else ' (optional)'))
+    if positional:
+        p.add_argument('model_arg', nargs='?', metavar='MODEL', help='the same as -m/--model (the earlier form)')
+    p.set_defaults(_model_required=required)
+
+
+def _model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Optional[str]:
+    """The model given either way; both, or neither when one is required, is a usage error."""
+    positional = getattr(args, 'model_arg', None)
+    if args.model and positional:
+        parser.error(f'give the model once: -m {args.model} or {positional}, not both.')
+    model = args.model or positional
+    if args._model_required and not model:
+        parser.error('give the model with -m/--model MODEL (a variant such as densenet121, or local-dir:DIR).')
+    return model
+
+
+def _add_output(p: argparse.ArgumentParser, what: str, required: bool = True, default: Optional[str] = None) -> None:
+    p.add_argument('--output', '--out', dest='output', required=required, default=default,
+                   metavar='DIR' if 'folder' in what else 'FILE', help=what + ('' if default is None else
+                                                                           f' (default {default})'))
+
+
+def _add_force(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument('--force', action='store_true', help=what)
+
+
+def _add_weights(p: argparse.ArgumentParser, what: str) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument('--pretrained', action='store_true', help=f"{what} the Hub's weights of the variant's tag")
+    group.add_argument('--checkpoint', '--weights', dest='checkpoint', metavar='PATH',
+                       help=f'{what} the weights of a checkpoint file (any format convert reads)')
+
+
+def _add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument('--json', action='store_true', help='print JSON instead of text')
-    p.set_defaults(func=_cmd_info)
-
-    for add in _EXTRA_COMMANDS:
-        add(sub)
-    return parser
 
 
-# Further subcommands register here: each is a function taking the subparsers object.
-_EXTRA_COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = []
-
-
-def _cmd_card(args: argparse.Namespace) -> None:
-    from .cards import render_model_card, write_model_card, write_model_cards
-    if args.all:
-        if args.model or args.repo_id:
-            raise CliError('--all renders every pretrained tag; give it without MODEL or --repo-id.')
-        for path in write_model_cards(args.out):
-            print(path)
-    elif not args.model:
-        raise CliError('give a MODEL[.TAG] to render, or --all to regenerate every card.')
-    elif args.out:
-        print(write_model_card(args.model, args.out, force=args.force, repo_id=args.repo_id))
-    else:
-        sys.stdout.write(render_model_card(args.model, repo_id=args.repo_id))
-
-
-def _add_card(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser('card', help="render a pretrained tag's model card (the README.md of its Hub repository)")
-    p.add_argument('model', nargs='?', metavar='MODEL[.TAG]', help='variant, optionally with a pretrained tag')
-    p.add_argument('--all', action='store_true', help='regenerate the card of every pretrained tag in model_cards/')
-    p.add_argument('--out', metavar='PATH', help='write the card to this file (with --all: into this folder)')
-    p.add_argument('--force', action='store_true', help='overwrite an existing --out file')
-    p.add_argument('--repo-id', help="the Hub repository the usage code loads (default: the tag's own)")
-    p.set_defaults(func=_cmd_card)
-
-
-_EXTRA_COMMANDS.append(_add_card)
+def _command(path) -> str:
+    """A printed next step's path, quoted for the shell where it needs it."""
+    return shlex.quote(str(path))
 
 
 def _print_files(files: Sequence) -> None:
@@ -159,65 +151,88 @@ def _print_files(files: Sequence) -> None:
     print(f'  {len(files)} files, {size(sum(n for _, n in files))}')
 
 
+def _print_next_steps(folder: Path, repo_id: Optional[str]) -> None:
+    """What a hub folder's writer prints last: lines a user (and test_next_steps) runs exactly as printed."""
+    ref = f'local-dir:{folder}'
+    print('next:')
+    print(f'  load it in Python: import timm, timm_densenet_ext; '
+          f'model = timm.create_model({ref!r}, pretrained=True)')
+    print(f'  check the upload: timm-densenet-ext push {_command(folder)} --repo-id {repo_id or "ORG/NAME"} --dry-run')
+    print(f'  publish it: timm-densenet-ext push {_command(folder)} --repo-id {repo_id or "ORG/NAME"}')
+
+
+# ---- subcommands: each parses, calls one function, prints
+
+def _cmd_list(args: argparse.Namespace) -> None:
+    rows = list_models_table()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    header = f'{"name":<22}{"params":>14}{"GMACs":>9}  {"input":<10}pretrained tags'
+    print(header)
+    print('-' * len(header))
+    for r in rows:
+        size = 'x'.join(str(s) for s in r['input_size'][1:])
+        print(f'{r["name"]:<22}{r["params"]:>14,}{r["gmacs"]:>9.2f}  {size:<10}{", ".join(r["pretrained_tags"]) or "-"}')
+
+
+def _cmd_card(args: argparse.Namespace) -> None:
+    from .cards import render_model_card, write_model_card, write_model_cards
+    if args.all:
+        if args.model or args.repo_id:
+            raise CliError('--all renders every pretrained tag; give it without -m/--model or --repo-id.')
+        for path in write_model_cards(args.output, force=args.force):
+            print(path)
+    elif not args.model:
+        raise CliError('give -m/--model MODEL[.TAG] to render, or --all to regenerate every card.')
+    elif args.output:
+        print(write_model_card(args.model, args.output, force=args.force, repo_id=args.repo_id))
+    else:
+        sys.stdout.write(render_model_card(args.model, repo_id=args.repo_id))
+
+
 def _cmd_convert(args: argparse.Namespace) -> None:
     from .hub import convert_checkpoint, upload_files
+    checkpoint = args.checkpoint or args.checkpoint_arg
+    if args.checkpoint and args.checkpoint_arg:
+        raise CliError(f'give the checkpoint once: --checkpoint {args.checkpoint} or {args.checkpoint_arg}.')
+    if not checkpoint:
+        raise CliError('give the checkpoint file to convert: --checkpoint PATH.')
     out = convert_checkpoint(
-        args.checkpoint, args.model, args.out, num_classes=args.num_classes, force=args.force,
-        repo_id=args.repo_id, use_ema=not args.no_ema)
+        checkpoint, args.model, args.output, num_classes=args.num_classes, force=args.force,
+        repo_id=args.repo_id, use_ema=not args.no_ema, **_card_facts(args))
     config = json.loads((out / 'config.json').read_text())
     print(f'wrote {out} ({config["architecture"]}, {config["num_classes"]} classes):')
     _print_files(upload_files(out))
-    print(f"load it: timm.create_model('local-dir:{out}'); publish it: "
-          f"timm-densenet-ext push {out} --repo-id {args.repo_id or 'ORG/NAME'}")
+    _print_next_steps(out, args.repo_id)
+
+
+def _card_facts(args: argparse.Namespace) -> Dict[str, object]:
+    """What the user states about converted weights, for their card; nothing is assumed."""
+    return {k: v for k, v in dict(base_model=args.base_model, dataset=args.dataset, license=args.license).items()
+            if v is not None}
 
 
 def _cmd_push(args: argparse.Namespace) -> None:
     from .hub import push_folder
+    folder = args.model[len('local-dir:'):] if args.model.startswith('local-dir:') else args.model
     result = push_folder(
-        args.folder, args.repo_id, private=args.private, revision=args.revision,
+        folder, args.repo_id, private=args.private, revision=args.revision,
         commit_message=args.commit_message, create_pr=args.create_pr, dry_run=args.dry_run)
     target = result.repo_id + (f' (branch {result.revision})' if result.revision else '')
     print(f'{"would upload" if result.dry_run else "uploaded"} to {target}:')
     _print_files(result.files)
+    card = getattr(result, 'card', None)
+    if result.dry_run and card:
+        print(f'README.md (the model card, rendered for {result.repo_id}):')
+        print('\n'.join('  | ' + line for line in card.rstrip('\n').splitlines()))
     print('dry run: nothing was uploaded.' if result.dry_run else (result.pr_url or result.commit_url))
-
-
-def _add_convert_push(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser('convert', help='convert a checkpoint into a hub folder (model.safetensors, config.json, card)')
-    p.add_argument('checkpoint', help='torchvision or timm checkpoint (.pth, .pth.tar, .bin) or .safetensors file')
-    p.add_argument('--model', required=True, metavar='MODEL[.TAG]',
-                   help='the variant the checkpoint was trained as; a tag picks that preprocessing config')
-    p.add_argument('--out', required=True, metavar='DIR', help='the folder to write')
-    p.add_argument('--num-classes', type=int, metavar='N', help="check the classifier has N classes (default: read)")
-    p.add_argument('--repo-id', metavar='ORG/NAME', help="the Hub repository the card's usage code loads")
-    p.add_argument('--no-ema', action='store_true', help="read a training checkpoint's 'state_dict', not its EMA")
-    p.add_argument('--force', action='store_true', help='replace an existing DIR (kept if the write fails)')
-    p.set_defaults(func=_cmd_convert)
-
-    p = sub.add_parser('push', help='upload a hub folder to a Hugging Face Hub repository')
-    p.add_argument('folder', metavar='DIR', help='a folder written by `convert`')
-    p.add_argument('--repo-id', required=True, metavar='ORG/NAME', help='the repository (created if missing)')
-    p.add_argument('--private', action='store_true', help='create the repository private')
-    p.add_argument('--revision', metavar='BRANCH', help='the branch to commit to (created if missing)')
-    p.add_argument('--commit-message', metavar='M', help='the commit message')
-    p.add_argument('--create-pr', action='store_true', help='open a pull request instead of committing')
-    p.add_argument('--dry-run', action='store_true', help='validate and list the files; needs no token')
-    p.set_defaults(func=_cmd_push)
-
-
-_EXTRA_COMMANDS.append(_add_convert_push)
-
-
-def _add_weights_args(p: argparse.ArgumentParser, what: str) -> None:
-    group = p.add_mutually_exclusive_group()
-    group.add_argument('--pretrained', action='store_true', help=f"{what} the Hub's weights of the variant's tag")
-    group.add_argument('--weights', metavar='PATH',
-                       help=f'{what} the weights of a checkpoint file (any format convert reads)')
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict
-    results = predict(args.model, args.images, pretrained=args.pretrained, weights=args.weights, top_k=args.top_k)
+    results = predict(args.model, args.images, pretrained=args.pretrained, weights=args.checkpoint, top_k=args.topk,
+                      batch_size=args.batch_size)
     if args.json:
         print(json.dumps([dict(path=r.path, error=r.error, top=[
             dict(index=i, label=label, probability=p) for i, label, p in r.top]) for r in results], indent=2))
@@ -227,6 +242,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                 print(r.path)
                 for _, label, p in r.top:
                     print(f'  {100 * p:6.2f}%  {label}')
+    sys.stdout.flush()
     for r in results:
         if r.error is not None:
             print(f'timm-densenet-ext predict: error: {r.error}', file=sys.stderr)
@@ -237,12 +253,12 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from .finetune import STATE_FILE, finetune
     try:
         result = finetune(
-            args.model, args.data, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+            args.model, args.data_dir, args.output, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
             weight_decay=args.weight_decay, img_size=args.img_size, hflip=args.hflip, scale=args.scale,
-            seed=args.seed, pretrained=args.pretrained, weights=args.weights, resume=args.resume, force=args.force,
-            repo_id=args.repo_id)
+            seed=args.seed, pretrained=args.pretrained, weights=args.checkpoint, resume=args.resume,
+            force=args.force, repo_id=args.repo_id)
     except KeyboardInterrupt:
-        state = Path(args.out) / STATE_FILE
+        state = Path(args.output) / STATE_FILE
         if state.is_file():
             print(f'\ninterrupted: {state} holds the last finished epoch; continue with the same command and '
                   f'--resume.', file=sys.stderr)
@@ -251,14 +267,13 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
           f'({result.val_correct}/{result.val_images}):')
     from .hub import upload_files
     _print_files(upload_files(result.out_dir))
-    print(f"load it: timm.create_model('local-dir:{result.out_dir}', pretrained=True); publish it: "
-          f"timm-densenet-ext push {result.out_dir} --repo-id {args.repo_id or 'ORG/NAME'}")
+    _print_next_steps(result.out_dir, args.repo_id)
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
     from .export import CHECK_BATCH_SIZES, export_model
-    result = export_model(args.model, args.format, args.out, pretrained=args.pretrained, weights=args.weights,
+    result = export_model(args.model, args.format, args.output, pretrained=args.pretrained, weights=args.checkpoint,
                           force=args.force)
     size = 'x'.join(str(s) for s in result.input_size)
     runtime = {'onnx': 'onnxruntime', 'torchscript': 'torch.jit.load', 'exported-program': 'torch.export.load'}
@@ -270,27 +285,54 @@ def _cmd_export(args: argparse.Namespace) -> None:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
     recipe = {'epochs': args.epochs} if args.epochs else {}
-    run_demo(args.out, force=args.force, **recipe)
+    run_demo(args.output, force=args.force, **recipe)
 
 
-def _add_workflows(sub: argparse._SubParsersAction) -> None:
-    model_help = ("a variant (densenet121, densenet121.tv_in1k), or a hub folder local-dir:DIR (from convert or "
-                  "finetune), which brings its own weights and class names")
-    p = sub.add_parser('predict', help='classify images: top-k class names and probabilities')
-    p.add_argument('model', metavar='MODEL', help=model_help)
-    p.add_argument('images', nargs='+', metavar='IMAGE', help='image files')
-    _add_weights_args(p, 'classify with')
-    p.add_argument('--top-k', type=int, default=5, metavar='K', help='classes shown per image (default 5)')
-    p.add_argument('--json', action='store_true', help='print JSON instead of text')
-    p.set_defaults(func=_cmd_predict)
+def _cmd_benchmark(args: argparse.Namespace) -> None:
+    from .benchmark import run_from_args
+    run_from_args(args)
 
-    p = sub.add_parser('finetune', help='fine-tune on an image folder (DIR/train, DIR/val) and write a hub folder')
-    p.add_argument('--model', metavar='MODEL', help=model_help + '; the classifier is reset to the data\'s classes')
-    p.add_argument('--data', metavar='DIR', help='holds train/ and val/, one sub-folder of images per class')
-    p.add_argument('--out', required=True, metavar='DIR', help='the hub folder to write (the best epoch)')
-    _add_weights_args(p, 'start from')
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    parser = argparse.ArgumentParser(
+        prog='timm-densenet-ext',
+        description='DenseNet variants for timm: classify, fine-tune, export, inspect, convert, publish.')
+    parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}',
+                        help="print this tool's version and exit")
+    sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
+
+    def command(name: str, func, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func, _parser=p, _model_required=False)
+        return p
+
+    p = command('list', _cmd_list, 'table of every variant: parameters, GMACs, pretrained tags')
+    _add_json(p)
+
+    p = command('info', _cmd_info, "a variant's pretrained config, feature pyramid, parameters and GMACs")
+    _add_model(p, help='variant name, optionally with a pretrained tag (densenet121.tv_in1k)')
+    _add_json(p)
+
+    p = command('predict', _cmd_predict, 'classify images: top-k class names and probabilities')
+    _add_model(p, positional=False)
+    p.add_argument('images', nargs='+', metavar='IMAGE',
+                   help='image files (without -m/--model, the first is taken as the model: the earlier form)')
+    _add_weights(p, 'classify with')
+    p.add_argument('--topk', '--top-k', dest='topk', type=int, default=5, metavar='K',
+                   help='classes shown per image (default 5)')
+    p.add_argument('-b', '--batch-size', type=int, default=16, metavar='B', help='images per forward pass (default 16)')
+    _add_json(p)
+
+    p = command('finetune', _cmd_finetune, 'fine-tune on an image folder (DIR/train, DIR/val) and write a hub folder')
+    _add_model(p, help=_MODEL_HELP + "; the classifier is reset to the data's classes", positional=False,
+               required=False)
+    p.add_argument('--data-dir', '--data', dest='data_dir', metavar='DIR',
+                   help='holds train/ and val/, one sub-folder of images per class')
+    _add_output(p, 'the hub folder to write (the best epoch)')
+    _add_weights(p, 'start from')
     p.add_argument('--epochs', type=int, metavar='N', help='epochs (default 10)')
-    p.add_argument('--batch-size', type=int, metavar='B', help='batch size (default 32)')
+    p.add_argument('-b', '--batch-size', type=int, metavar='B', help='batch size (default 32)')
     p.add_argument('--lr', type=float, metavar='LR', help='AdamW peak learning rate, cosine schedule (default 1e-3)')
     p.add_argument('--weight-decay', type=float, metavar='WD', help='AdamW weight decay (default 0.05)')
     p.add_argument('--img-size', type=int, metavar='PX', help="train and record this input size (default: the model's)")
@@ -299,51 +341,90 @@ def _add_workflows(sub: argparse._SubParsersAction) -> None:
                    help='random-resized crop area range (default 0.08 1.0)')
     p.add_argument('--seed', type=int, metavar='S', help='seed of the classifier, batches and augmentation (default 0)')
     p.add_argument('--repo-id', metavar='ORG/NAME', help="the Hub repository the card's usage code loads")
-    p.add_argument('--resume', action='store_true', help='continue the interrupted run in --out')
-    p.add_argument('--force', action='store_true', help='replace an existing --out (kept if the run fails)')
-    p.set_defaults(func=_cmd_finetune)
+    p.add_argument('--resume', action='store_true', help='continue the interrupted run in --output')
+    _add_force(p, 'replace an existing --output (kept if the run fails)')
 
-    p = sub.add_parser('export', help='export to ONNX, TorchScript or torch.export, checked against PyTorch')
-    p.add_argument('model', metavar='MODEL', help=model_help)
-    p.add_argument('--format', required=True, choices=('onnx', 'torchscript', 'exported-program'))
-    p.add_argument('--out', required=True, metavar='FILE', help='the file to write')
-    _add_weights_args(p, 'export')
-    p.add_argument('--force', action='store_true', help='replace an existing FILE')
-    p.set_defaults(func=_cmd_export)
+    p = command('export', _cmd_export, 'export to ONNX, TorchScript or torch.export, checked against PyTorch')
+    _add_model(p)
+    p.add_argument('--format', required=True, choices=('onnx', 'torchscript', 'exported-program'),
+                   help='onnx (run with onnxruntime), torchscript (torch.jit.load) or exported-program (torch.export)')
+    _add_output(p, 'the file to write')
+    _add_weights(p, 'export')
+    _add_force(p, 'replace an existing --output file')
 
-    p = sub.add_parser('demo', help="offline: fine-tune DenseNet-BC on scikit-learn's digits, reload and measure it")
-    p.add_argument('--out', default='densenet-demo', metavar='DIR',
-                   help='where data/ and model/ go (default densenet-demo)')
+    p = command('demo', _cmd_demo, "offline: fine-tune DenseNet-BC on scikit-learn's digits, reload and measure it")
+    _add_output(p, 'the folder where data/ and the hub folder go', required=False, default='densenet-demo')
     p.add_argument('--epochs', type=int, metavar='N', help='fewer epochs for a quick look (default: the demo recipe)')
-    p.add_argument('--force', action='store_true', help='replace data/ and model/ of an earlier run in DIR')
-    p.set_defaults(func=_cmd_demo)
+    _add_force(p, 'replace data/ and the hub folder of an earlier run in --output')
 
-
-_EXTRA_COMMANDS.append(_add_workflows)
-
-
-def _cmd_benchmark(args: argparse.Namespace) -> None:
-    from .benchmark import run_from_args
-    run_from_args(args)
-
-
-def _add_benchmark(sub: argparse._SubParsersAction) -> None:
+    p = command('benchmark', _cmd_benchmark, "speed and memory side by side with timm's and torchvision's DenseNet")
     from .benchmark import add_arguments
-    p = sub.add_parser('benchmark', help="speed and memory side by side with timm's and torchvision's DenseNet")
     add_arguments(p)
-    p.set_defaults(func=_cmd_benchmark)
 
+    p = command('convert', _cmd_convert,
+                'convert a checkpoint into a hub folder (model.safetensors, config.json, model card)')
+    p.add_argument('checkpoint_arg', nargs='?', metavar='CHECKPOINT', help='the same as --checkpoint')
+    p.add_argument('--checkpoint', '--weights', dest='checkpoint', metavar='PATH',
+                   help='torchvision or timm checkpoint (.pth, .pth.tar, .bin) or .safetensors file')
+    _add_model(p, help='the variant the checkpoint was trained as; a tag picks that preprocessing config',
+               positional=False)
+    _add_output(p, 'the hub folder to write')
+    p.add_argument('--num-classes', type=int, metavar='N', help="check the classifier has N classes (default: read)")
+    p.add_argument('--repo-id', metavar='ORG/NAME', help="the Hub repository the card's usage code loads")
+    p.add_argument('--no-ema', action='store_true', help="read a training checkpoint's 'state_dict', not its EMA")
+    p.add_argument('--base-model', metavar='ORG/NAME',
+                   help="the Hub model these weights were fine-tuned from, for the card (default: not stated)")
+    p.add_argument('--dataset', metavar='NAME', action='append',
+                   help='a dataset the weights were trained on, for the card; repeat for several (default: not stated)')
+    p.add_argument('--license', metavar='ID', help="the weights' license (a Hub license id, e.g. apache-2.0) for the "
+                                                   'card (default: not stated)')
+    _add_force(p, 'replace an existing --output folder (kept if the write fails)')
 
-_EXTRA_COMMANDS.append(_add_benchmark)
+    p = command('card', _cmd_card, "render a pretrained tag's model card (the README.md of its Hub repository)")
+    _add_model(p, help='variant, optionally with a pretrained tag', required=False)
+    p.add_argument('--all', action='store_true', help='regenerate the card of every pretrained tag in model_cards/')
+    _add_output(p, 'write the card to this file (with --all: into this folder)', required=False)
+    _add_force(p, 'overwrite existing card files')
+    p.add_argument('--repo-id', metavar='ORG/NAME', help="the Hub repository the usage code loads (default: the tag's own)")
+
+    p = command('push', _cmd_push, 'upload a hub folder to a Hugging Face Hub repository')
+    _add_model(p, help='the hub folder to upload, DIR or local-dir:DIR (written by convert or finetune)')
+    p.add_argument('--repo-id', required=True, metavar='ORG/NAME', help='the repository (created if missing)')
+    p.add_argument('--private', action='store_true', help='create the repository private')
+    p.add_argument('--revision', metavar='BRANCH', help='the branch to commit to (created if missing)')
+    p.add_argument('--commit-message', metavar='M', help='the commit message')
+    p.add_argument('--create-pr', action='store_true', help='open a pull request instead of committing')
+    p.add_argument('--dry-run', action='store_true', help='validate and show what would be uploaded, card text '
+                                                          'included; needs no token')
+    return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from ._naming import cli_style
     args = build_parser().parse_args(argv)
+    if args.command == 'predict' and not args.model:  # the earlier form: predict MODEL IMAGE...
+        if len(args.images) < 2:
+            args._parser.error('give the model with -m/--model MODEL and one or more images.')
+        args.model, args.images = args.images[0], args.images[1:]
+    elif hasattr(args, 'model'):
+        args.model = _model(args, args._parser)
     try:
-        return args.func(args) or 0
-    except (CliError, ValueError, FileNotFoundError, FileExistsError, PermissionError, ImportError) as e:
+        with cli_style():
+            code = args.func(args) or 0
+            sys.stdout.flush()  # here, where a reader that went away is handled, not at exit
+            return code
+    except (CliError, ValueError, OSError, ImportError) as e:
+        if isinstance(e, BrokenPipeError):
+            return _broken_pipe()
         print(f'timm-densenet-ext {args.command}: error: {e}', file=sys.stderr)
         return 2
+
+
+def _broken_pipe() -> int:
+    """Output piped into `head` that stopped reading: not an error of ours; no traceback at exit either."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 141  # 128 + SIGPIPE, what a shell reports for a command that lost its reader
 
 
 if __name__ == '__main__':

@@ -6,11 +6,12 @@ scikit-learn) are written as an image folder, train/ and val/, exactly what a us
 pretrained CIFAR weights exist, so the DenseNet starts from random weights: `finetune` with neither --pretrained
 nor --weights.
 """
+import shlex
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 from .finetune import FinetuneResult, evaluate, finetune
 
@@ -67,6 +68,20 @@ def write_digits_folder(data_dir: Union[str, Path], val_fraction: float = 0.2, s
     return len(train_idx), len(val_idx)
 
 
+def next_steps(out_dir: Path, model_dir: Path, example: Path) -> List[str]:
+    """The demo's last lines: what to do with what it wrote, each runnable exactly as printed (test_next_steps runs
+    them)."""
+    folder, model = shlex.quote(str(model_dir)), shlex.quote(f'local-dir:{model_dir}')
+    return [
+        'next:',
+        f'  timm-densenet-ext predict -m {model} {shlex.quote(str(example))}',
+        f'  timm-densenet-ext export -m {model} --format onnx --output {shlex.quote(str(out_dir / "digits.onnx"))}',
+        f'  timm-densenet-ext push {folder} --repo-id ORG/NAME --dry-run',
+        f"  load it in Python: import timm, timm_densenet_ext; "
+        f"model = timm.create_model({'local-dir:' + str(model_dir)!r}, pretrained=True)",
+    ]
+
+
 def run_demo(
         out_dir: Union[str, Path] = 'densenet-demo',
         *,
@@ -118,8 +133,6 @@ def run_demo(
     log(f'  {model_dir}/  the hub folder: model.safetensors, config.json (with the label names), README.md '
         f'(the model card: data, recipe, accuracy)')
     example = next(iter(sorted((data_dir / 'val' / '7').iterdir())))
-    log('next:')
-    log(f'  timm-densenet-ext predict local-dir:{model_dir} {example}')
-    log(f'  timm-densenet-ext export local-dir:{model_dir} --format onnx --out {out_dir}/digits.onnx')
-    log(f'  timm-densenet-ext push {model_dir} --repo-id ORG/NAME --dry-run')
+    for line in next_steps(out_dir, model_dir, example):
+        log(line)
     return DemoResult(out_dir, data_dir, model_dir, result, correct, total, seconds)

@@ -15,7 +15,8 @@ from typing import Callable, Dict, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ._files import move_into_place
+from ._files import claim, move_into_place
+from ._naming import arg
 from .loading import load_model
 
 __all__ = ['FORMATS', 'TOLERANCE', 'ExportResult', 'export_model', 'load_exported']
@@ -84,7 +85,7 @@ def load_exported(path: Union[str, Path], fmt: str) -> Callable[[torch.Tensor], 
             return torch.jit.load(path, map_location='cpu')
     if fmt == 'exported-program':
         return torch.export.load(path).module()
-    raise ValueError(f'--format {fmt!r}: choose one of {", ".join(FORMATS)}.')
+    raise ValueError(f'{arg("fmt", repr(fmt))}: choose one of {", ".join(FORMATS)}.')
 
 
 def export_model(
@@ -104,18 +105,29 @@ def export_model(
     FileNotFoundError or FileExistsError with a message naming the thing and the fix.
     """
     if fmt not in FORMATS:
-        raise ValueError(f'--format {fmt!r}: choose one of {", ".join(FORMATS)}.')
+        raise ValueError(f'{arg("fmt", repr(fmt))}: choose one of {", ".join(FORMATS)}.')
     out = Path(out)
-    if out.is_dir():
-        raise ValueError(f'{out}: is a folder; give --out a file name, e.g. {out / ("model" + SUFFIXES[fmt])}.')
-    if out.exists() and not force:
-        raise FileExistsError(f'{out}: exists; pass --force to replace it, or choose another --out.')
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f'{out.parent}: no such folder; create it, or choose another --out.')
-    if fmt == 'exported-program' and out.suffix != '.pt2':
-        raise ValueError(f'{out}: torch.export.load reads only files named *.pt2; give --out {out.stem}.pt2.')
+    _check_output(out, fmt, force)
+    with claim(out):  # from the check to the rename: a second export to the same file is refused, not lost
+        _check_output(out, fmt, force)  # again: another process may have finished it while we waited to claim
+        model = load_model(model_name, pretrained=pretrained, weights=weights).eval()
+        return _export_checked(model, fmt, out, force)
 
-    model = load_model(model_name, pretrained=pretrained, weights=weights).eval()
+
+def _check_output(out: Path, fmt: str, force: bool) -> None:
+    exists = f'{out}: exists; pass {arg("force")} to replace it, or choose another {arg("out", "FILE")}.'
+    if out.is_dir():
+        raise ValueError(f'{out}: is a folder; give {arg("out", "a file name")}, e.g. {out / ("model" + SUFFIXES[fmt])}.')
+    if out.exists() and not force:
+        raise FileExistsError(exists)
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f'{out.parent}: no such folder; create it, or choose another {arg("out", "FILE")}.')
+    if fmt == 'exported-program' and out.suffix != '.pt2':
+        raise ValueError(f'{out}: torch.export.load reads only files named *.pt2; give {arg("out", out.stem + ".pt2")}.')
+
+
+def _export_checked(model: nn.Module, fmt: str, out: Path, force: bool) -> ExportResult:
+    """Export to a temporary file, load it back, compare with `model` at CHECK_BATCH_SIZES, then move it to `out`."""
     input_size = tuple(model.pretrained_cfg['input_size'])
     generator = torch.Generator().manual_seed(0)
     example = torch.randn((2, *input_size), generator=generator)
@@ -138,7 +150,8 @@ def export_model(
             raise RuntimeError(f'the exported {fmt} file differs from PyTorch by {max_diff:.2e} (more than '
                                f'{TOLERANCE:g}); nothing was written')
         size = tmp.stat().st_size
-        move_into_place(tmp, out, force, f'{out}: exists; pass --force to replace it, or choose another --out.')
+        move_into_place(tmp, out, force, f'{out}: exists; pass {arg("force")} to replace it, or choose another '
+                                         f'{arg("out", "FILE")}.')
     finally:
         if tmp.exists():
             tmp.unlink()

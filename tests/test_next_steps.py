@@ -1,0 +1,152 @@
+"""Every next step the tool prints runs exactly as printed: the demo's, convert's and finetune's closing lines, and
+the ones the README shows. A command line goes to the shell as it is; a Python line goes to a fresh interpreter."""
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from timm_densenet_ext.demo import MODEL_FOLDER, next_steps
+from workflow_helpers import TINY_ARCH, TINY_ARGS, write_image_folder
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+PYTHON_LINE = 'load it in Python: '
+
+
+def _env() -> Dict[str, str]:
+    # the console script of this environment first on PATH, as in an activated venv; offline, no token
+    env = dict(os.environ, PATH=f'{BIN}{os.pathsep}{os.environ.get("PATH", "")}', HF_HUB_OFFLINE='1')
+    env.pop('HF_TOKEN', None)
+    return env
+
+
+def _run(command: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(command, shell=True, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
+
+
+def _next_steps(printed: str) -> List[str]:
+    """The lines after 'next:', without their indent."""
+    lines = printed.splitlines()
+    assert 'next:' in lines, printed
+    return [line.strip() for line in lines[lines.index('next:') + 1:] if line.startswith('  ')]
+
+
+def _run_step(step: str, cwd: Path) -> subprocess.CompletedProcess:
+    """A printed step, exactly as printed: a Python line in `python -c`, anything else in the shell."""
+    if step.startswith(PYTHON_LINE):
+        code = step[len(PYTHON_LINE):] + '\nprint(type(model).__name__, model.num_classes)'
+        return subprocess.run([sys.executable, '-c', code], cwd=cwd, env=_env(), capture_output=True, text=True,
+                              timeout=600)
+    name = step.split(':', 1)[0]
+    command = step.split(': ', 1)[1] if name in ('check the upload', 'publish it') else step
+    return _run(command, cwd)
+
+
+@pytest.fixture(scope='module')
+def demo_dir(tmp_path_factory):
+    """`timm-densenet-ext demo` as a user runs it, in a folder of their own (one epoch, to keep the test short)."""
+    cwd = tmp_path_factory.mktemp('user')
+    proc = _run('timm-densenet-ext demo --epochs 1', cwd)
+    assert proc.returncode == 0, proc.stderr
+    return cwd, proc.stdout
+
+
+def test_the_demo_s_next_steps_run_as_printed(demo_dir):
+    cwd, printed = demo_dir
+    steps = _next_steps(printed)
+    assert [s.split()[1] if s.startswith('timm-') else s.split(':')[0] for s in steps] == [
+        'predict', 'export', 'push', 'load it in Python']
+    results = {step: _run_step(step, cwd) for step in steps}
+    for step, proc in results.items():
+        assert proc.returncode == 0, f'{step}\n{proc.stderr}'
+        assert 'Traceback' not in proc.stderr
+    predict, export, push, python = results.values()
+    assert predict.stdout.splitlines()[0].endswith('.png') and len(predict.stdout.splitlines()) == 6
+    assert (cwd / 'densenet-demo' / 'digits.onnx').is_file() and 'matches PyTorch' in export.stdout
+    # push --dry-run: the card shown is rendered for the repository given, from the folder's own facts
+    assert 'would upload to ORG/NAME' in push.stdout and 'dry run: nothing was uploaded.' in push.stdout
+    assert 'hf-hub:ORG/NAME' in push.stdout and "scikit-learn's handwritten digits" in push.stdout
+    assert 'YOUR-ORG' not in push.stdout
+    assert python.stdout.split() == ['DenseNet', '10']
+
+
+def _convert(tmp_path: Path, extra: str = '') -> subprocess.CompletedProcess:
+    model = timm.create_model(TINY_ARCH, num_classes=3, **TINY_ARGS)
+    torch.save(model.state_dict(), tmp_path / 'model_best.pth')
+    return _run(f'timm-densenet-ext convert --checkpoint model_best.pth -m {TINY_ARCH} --output converted {extra}',
+                tmp_path)
+
+
+def test_convert_s_next_steps_run_as_printed_and_load_the_converted_weights(tmp_path):
+    proc = _convert(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    steps = _next_steps(proc.stdout)
+    python = next(s for s in steps if s.startswith(PYTHON_LINE))
+    # the printed line loads the converted weights, not random ones: compare in the same interpreter
+    code = (python[len(PYTHON_LINE):] + '\nfrom safetensors.torch import load_file\n'
+            "sd = load_file('converted/model.safetensors')\n"
+            'own = model.state_dict()\n'
+            'print(max(float((own[k].float() - v.float()).abs().max()) for k, v in sd.items()))')
+    checked = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                             timeout=600)
+    assert checked.returncode == 0, checked.stderr
+    assert float(checked.stdout.split()[-1]) == 0.0
+    dry_run = next(s for s in steps if s.startswith('check the upload: '))
+    result = _run_step(dry_run, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert 'would upload to ORG/NAME' in result.stdout and 'hf-hub:ORG/NAME' in result.stdout
+
+
+def test_finetune_s_next_steps_run_as_printed(tmp_path):
+    write_image_folder(tmp_path / 'data', ['apple', 'banana'], train=4, val=2)
+    model = timm.create_model(TINY_ARCH, num_classes=3, **TINY_ARGS)
+    torch.save(model.state_dict(), tmp_path / 'start.pth')
+    proc = _run(f'timm-densenet-ext finetune -m {TINY_ARCH} --checkpoint start.pth --data-dir data --output '
+                f'tuned --epochs 1 -b 4 --img-size 16 --repo-id me/tuned', tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    steps = _next_steps(proc.stdout)
+    assert 'check the upload: timm-densenet-ext push tuned --repo-id me/tuned --dry-run' in steps
+    for step in steps:
+        if step.startswith('publish it: '):  # needs a token and the Hub: test_hub runs it against a local Hub
+            continue
+        result = _run_step(step, tmp_path)
+        assert result.returncode == 0, f'{step}\n{result.stderr}'
+    tuned = load_file(str(tmp_path / 'tuned' / 'model.safetensors'))
+    assert tuned['classifier.weight'].shape[0] == 2
+
+
+def test_the_readme_shows_the_demo_s_next_steps_as_it_prints_them():
+    readme = (ROOT / 'README.md').read_text(encoding='utf-8')
+    shown = re.search(r'^next:\n((?:  .*\n)+)', readme, flags=re.M)
+    assert shown, 'README: the demo transcript ends with its next steps'
+    example = re.search(r'densenet-demo/data/val/7/\d+\.png', shown.group(1)).group(0)
+    expected = next_steps(Path('densenet-demo'), Path('densenet-demo') / MODEL_FOLDER, Path(example))
+    assert shown.group(0).rstrip('\n').splitlines() == expected
+
+
+def test_every_cli_line_in_the_readme_parses():
+    """Each `timm-densenet-ext ...` line of the README's bash blocks and transcripts uses flags the CLI has (it is
+    run elsewhere, or needs data a user has); a renamed flag or subcommand fails here. (The synopsis in Command line
+    is a `text` block.)"""
+    from timm_densenet_ext.cli import build_parser
+    readme = (ROOT / 'README.md').read_text(encoding='utf-8')
+    lines = []
+    for block in re.findall(r'^```(?:bash)?\n(.*?)^```$', readme, flags=re.S | re.M):
+        block = block.replace('\\\n', ' ')
+        lines += [line.split('#', 1)[0].strip() for line in block.splitlines()
+                  if line.strip().startswith('timm-densenet-ext ')]
+    assert len(lines) >= 10
+    parser = build_parser()
+    for line in lines:
+        try:
+            parser.parse_args(shlex.split(line)[1:])
+        except SystemExit:
+            raise AssertionError(f'README: `{line}` does not parse') from None
