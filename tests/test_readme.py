@@ -94,3 +94,19 @@ def test_readme_python_block_runs_offline(index, tmp_path, monkeypatch, hub_cach
               if line.lstrip().startswith('print(') and '#' in line]
     for expected in stated:
         assert expected in printed, f'block {index} states {expected!r}; printed:\n' + '\n'.join(printed)
+
+
+def test_every_snippet_naming_a_plugin_only_variant_imports_the_plugin():
+    """timm alone does not know densenet_bc_100_k12, densenet121d, ...: a snippet that names one
+    (or loads a folder of one) without `import timm_densenet_ext` fails for whoever copies it."""
+    import timm.models.densenet as timm_densenet
+    plugin_only = {n for n in timm_densenet_ext.MODEL_NAMES if not hasattr(timm_densenet, n)}
+    assert {'densenet_bc_100_k12', 'densenet121d'} <= plugin_only
+    folders = {'densenet-demo/densenet_bc_100_k12.digits'}  # the demo's hub folder: a DenseNet-BC
+    inline = [span for span in re.findall(r'`([^`\n]+)`', README) if 'create_model(' in span]
+    assert inline
+    for code in BLOCKS + inline:
+        names = set(re.findall(r"['\"]([\w.]+)['\"]", code)) | set(re.findall(r"local-dir:([\w.\-/]+)", code))
+        named = {n.split('.', 1)[0] for n in names} & plugin_only | (names & folders)
+        if named:
+            assert re.search(r'\bimport (\w+, )*timm_densenet_ext\b|\bfrom timm_densenet_ext\b', code), (named, code)
