@@ -224,7 +224,8 @@ def test_push_pull_request_with_the_login_cache_token(converted, fake_hub, no_to
     assert all(headers['authorization'] == 'Bearer hf_from_login' for _, _, _, headers, _ in fake_hub.requests)
     assert fake_hub.requests[0][4] == dict(name='bc10', organization='me')  # visibility: the Hub's default
     (commit,) = fake_hub.commits
-    assert (commit['create_pr'], commit['revision'], commit['summary']) == (True, 'main', 'Add densenet_bc_100_k12 weights')
+    assert (commit['create_pr'], commit['revision'], commit['summary']) == (
+        True, 'main', 'Add densenet_bc_100_k12 weights')
     assert fake_hub.repos[REPO]['branches']['main'] == {}  # a pull request, not a commit to main
     assert out.splitlines()[-1] == f'{fake_hub.endpoint}/{REPO}/discussions/1'
 

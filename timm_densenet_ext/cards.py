@@ -1,9 +1,10 @@
 """Model cards: the Hub README.md of each pretrained tag, rendered from the registry and the model itself.
 
-The card's text is the Jinja2 template `model_card_template.md` (linked from `model_cards/TEMPLATE.md`). Everything a card states about the model
-(statistics, preprocessing, feature pyramid, the shapes its usage code prints) is measured here from the model built
-on the meta device, so a card cannot drift from the code; the Hub metadata goes through huggingface_hub's
-`ModelCardData` and `ModelCard.from_template`. `timm-densenet-ext card --all` regenerates `model_cards/`.
+The card's text is the Jinja2 template `model_card_template.md` (linked from `model_cards/TEMPLATE.md`). Everything a
+card states about the model (statistics, preprocessing, feature pyramid, the shapes its usage code prints) is measured
+here from the model built on the meta device, so a card cannot drift from the code; about the weights, it states only
+what is known (a published tag's registry entry, or what the caller passes). The Hub metadata goes through
+huggingface_hub's `ModelCardData` and `ModelCard.from_template`. `timm-densenet-ext card --all --force` regenerates `model_cards/`.
 """
 import os
 import re
@@ -21,8 +22,8 @@ from ._files import move_into_place
 from .stats import measure
 from .variants import default_cfgs, resolve_model_name
 
-__all__ = ['CARD_DIR', 'TEMPLATE_PATH', 'CITATIONS', 'card_model_names', 'card_path', 'check_card_facts', 'render_model_card',
-           'write_model_card', 'write_model_cards']
+__all__ = ['CARD_DIR', 'TEMPLATE_PATH', 'CITATIONS', 'card_model_names', 'card_path', 'check_card_facts',
+           'render_model_card', 'write_model_card', 'write_model_cards']
 
 CARD_DIR = Path(__file__).resolve().parent.parent / 'model_cards'
 # the template ships inside the package (wheels render cards too); model_cards/TEMPLATE.md links to it
