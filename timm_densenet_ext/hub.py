@@ -428,7 +428,7 @@ def push_folder(
                 f' dry_run=True (--dry-run) shows what would be uploaded without one.')
     config = validate_folder(folder)
     card, card_source = folder_card(folder, repo_id, config=config)
-    card_bytes = card.encode('utf-8')
+    card_bytes = (folder / CARD_FILE).read_bytes() if card_source == 'folder' else card.encode('utf-8')
     files = sorted([(name, size) for name, size in upload_files(folder) if name != CARD_FILE] +
                    [(CARD_FILE, len(card_bytes))])
     result = dict(repo_id=repo_id, files=files, revision=revision, card=card, card_source=card_source)
