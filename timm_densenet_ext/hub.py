@@ -292,11 +292,11 @@ def folder_card(
     inputs = _recorded_inputs(config)
     card_path = folder / CARD_FILE
     if not card_path.is_file():
-        if inputs is None:
+        if inputs is None:  # the registered tag the config was saved from, for its preprocessing
             arch, tag = resolve_model_name(config['architecture'])
-            tag = config['pretrained_cfg'].get('tag') if config['pretrained_cfg'].get('tag') in \
-                default_cfgs[arch].tags else tag
-            return _render_folder_card(config, dict(model_name=f'{arch}.{tag}'), repo_id), 'config'
+            saved_tag = config['pretrained_cfg'].get('tag')
+            model_name = f'{arch}.{saved_tag if saved_tag in default_cfgs[arch].tags else tag}'
+            return _render_folder_card(config, dict(model_name=model_name), repo_id), 'config'
         return _render_folder_card(config, inputs, repo_id), 'rendered'
 
     data = card_path.read_bytes()
@@ -418,7 +418,7 @@ def push_folder(
     validate_repo_id(repo_id)
     folder = Path(folder)
     if not dry_run:
-        if constants.is_offline_mode():  # checked here: huggingface_hub would say it only once a request is made
+        if constants.HF_HUB_OFFLINE:  # checked here: huggingface_hub would say it only once a request is made
             raise PushError(f'cannot push to {repo_id}: HF_HUB_OFFLINE is set; unset it (or set HF_HUB_OFFLINE=0) to '
                             f'push, or pass dry_run=True (--dry-run) to see what would be uploaded.')
         token = token or get_token()
