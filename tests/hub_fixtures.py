@@ -134,6 +134,9 @@ class FakeHub:
         is_json = (req.headers.get('Content-Type') or '').split(';')[0] == 'application/json'
         data = json.loads(body) if body and is_json else None
         self.requests.append((req.command, path, route, dict(req.headers), data))
+        if route == 'validate_yaml' and self.fail.get(route) == 400:  # the Hub lists what is wrong in the metadata
+            return self._json(req, 400, {'errors': [{'message': '"license" must be one of [apache-2.0, mit, ...]'}],
+                                         'warnings': []})
         if route in self.fail:
             return self._error(req, self.fail[route], self.MESSAGES.get(self.fail[route], 'Error'))
         if route == 'unknown':

@@ -446,6 +446,17 @@ def test_push_failures_of_the_hub_are_one_line(converted, fake_hub, monkeypatch,
     assert route in fake_hub.routes() and fake_hub.commits == []
 
 
+def test_push_of_a_card_whose_metadata_the_hub_rejects(converted, fake_hub, monkeypatch):
+    fake_hub.fail['validate_yaml'] = 400
+    monkeypatch.setenv('HF_TOKEN', 'hf_from_env')
+    with pytest.raises(ValueError) as raised:
+        push_folder(converted.folder, REPO)
+    assert str(raised.value) == (
+        f'{converted.folder / "README.md"}: the Hub rejects its metadata ("license" must be one of [apache-2.0, mit, '
+        f'...]); fix the YAML header between its --- lines.')
+    assert fake_hub.commits == []
+
+
 def test_push_rejected_by_the_hub_is_one_line(converted, fake_hub, monkeypatch, capsys):
     fake_hub.fail['create_repo'] = 403
     monkeypatch.setenv('HF_TOKEN', 'hf_read_only')

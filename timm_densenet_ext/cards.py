@@ -4,7 +4,8 @@ The card's text is the Jinja2 template `model_card_template.md` (linked from `mo
 card states about the model (statistics, preprocessing, feature pyramid, the shapes its usage code prints) is measured
 here from the model built on the meta device, so a card cannot drift from the code; about the weights, it states only
 what is known (a published tag's registry entry, or what the caller passes). The Hub metadata goes through
-huggingface_hub's `ModelCardData` and `ModelCard.from_template`. `timm-densenet-ext card --all --force` regenerates `model_cards/`.
+huggingface_hub's `ModelCardData` and `ModelCard.from_template`. `timm-densenet-ext card --all --force` regenerates
+`model_cards/`.
 """
 import os
 import re

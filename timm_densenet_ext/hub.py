@@ -450,8 +450,9 @@ def push_folder(
             commit_message=commit_message or f'Add {config["architecture"]} weights')
     except Exception as e:
         if isinstance(e, ValueError) and str(e).startswith('Invalid metadata in README.md'):
-            raise ValueError(f'{folder / CARD_FILE}: the Hub rejects its metadata '
-                             f'({_one_line(str(e).splitlines()[-1])}); fix its YAML header.') from e
+            reasons = '; '.join(line.lstrip('- ') for line in str(e).splitlines()[1:] if line.strip())
+            raise ValueError(f'{folder / CARD_FILE}: the Hub rejects its metadata ({_one_line(reasons)}); fix the '
+                             f'YAML header between its --- lines.') from e
         error = _push_error(e, repo_id, api.endpoint, step)
         if error is e:
             raise
