@@ -466,3 +466,14 @@ def test_cli_unknown_model_from_the_command_line():
     assert proc.stderr.splitlines() == [
         "timm-densenet-ext card: error: unknown model 'densenet999'; `timm-densenet-ext list` shows the "
         f'{len(timm_densenet_ext.MODEL_NAMES)} variants.']
+
+
+def test_card_of_a_model_built_with_other_arguments_does_not_quote_the_variant():
+    """A DenseNet-BC with two layers per block is not the docstring's L=100 model of 0.8M parameters."""
+    model_args = dict(block_config=[2, 2, 2], num_classes=3, in_chans=3)
+    cfg = dict(get_pretrained_cfg('densenet_bc_100_k12').to_dict(), num_classes=3)
+    text = cards.render_model_card('densenet_bc_100_k12', repo_id='me/tiny', pretrained_cfg=cfg, model_args=model_args)
+    assert '0.8M parameters' not in text and 'L=100' not in text
+    assert '- **Architecture:** `densenet_bc_100_k12`, densenet_bc_100_k12 built with block_config=[2, 2, 2]\n' in text
+    tiny = timm.create_model('densenet_bc_100_k12', block_config=(2, 2, 2), num_classes=3)
+    assert f'| 32 x 32 (input size) | {sum(p.numel() for p in tiny.parameters()):,} |' in text

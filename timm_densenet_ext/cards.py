@@ -187,9 +187,17 @@ def _measure(name: str, cfg: Dict[str, Any], model_args: Optional[Dict[str, Any]
     )
 
 
-def _arch_doc(arch: str) -> str:
+# model arguments a checkpoint itself determines: they leave the variant's architecture as its docstring says
+_HEAD_ARGS = ('num_classes', 'in_chans', 'global_pool')
+
+
+def _arch_doc(arch: str, model_args: Optional[Dict[str, Any]] = None) -> str:
     """The architecture in a few words: its entrypoint's first docstring line, less any words on weights (the
-    card's weights are described by their own facts, not by the architecture's name)."""
+    card's weights are described by their own facts, not by the architecture's name); for a model built with other
+    arguments (e.g. block_config), the variant and those arguments, since the docstring's figures no longer hold."""
+    changed = {k: v for k, v in (model_args or {}).items() if k not in _HEAD_ARGS}
+    if changed:
+        return f'{arch} built with ' + ', '.join(f'{k}={v!r}' for k, v in sorted(changed.items()))
     doc = (timm.models.model_entrypoint(arch).__doc__ or arch).strip().splitlines()[0].rstrip('.')
     return re.sub(r"\s+with \S+ weights$", '', doc)
 
@@ -335,7 +343,7 @@ def render_model_card(
         template_path=str(TEMPLATE_PATH),
         title=repo_id if not own_repo else name,
         arch=arch,
-        arch_doc=_arch_doc(arch),
+        arch_doc=_arch_doc(arch, model_args),
         repo_id=repo_id,
         model_ref=model_ref,
         aliases=[f'{a}.{t}' for a, d in default_cfgs.items() for t, c in d.cfgs.items()
