@@ -18,12 +18,13 @@ import timm
 import torch
 from huggingface_hub import ModelCard
 from PIL import Image
+from timm.layers import BlurPool2d
 from timm.models import get_pretrained_cfg
 from timm.models._hub import save_config_for_hf
 
 import timm_densenet_ext
 from timm_densenet_ext import cards, cli
-from timm_densenet_ext.stats import model_stats
+from timm_densenet_ext.hub import convert_checkpoint
 
 from hub_fixtures import add_weights_to_hub_cache
 
@@ -125,13 +126,13 @@ def test_a_newly_registered_tag_gets_a_card(monkeypatch):
 def test_card_folder_holds_the_template_and_one_card_per_tag():
     files = {p.name for p in cards.CARD_DIR.iterdir() if p.is_file()}
     assert files == {'TEMPLATE.md'} | {f'{n}.md' for n in CARD_NAMES}, (
-        'model_cards/ is out of date: run `timm-densenet-ext card --all` (and delete cards of removed tags)')
+        'model_cards/ is out of date: run `timm-densenet-ext card --all --force` (and delete cards of removed tags)')
 
 
 @pytest.mark.parametrize('name', CARD_NAMES)
 def test_committed_card_is_what_the_code_renders(name):
     committed = cards.card_path(name).read_text(encoding='utf-8')
-    assert committed == rendered(name), f'{name}: run `timm-densenet-ext card --all` and commit model_cards/'
+    assert committed == rendered(name), f'{name}: run `timm-densenet-ext card --all --force` and commit model_cards/'
 
 
 # --- (b) every code block of every committed card runs offline, printing what it states ---------------------------
@@ -151,10 +152,12 @@ def test_card_code_runs_offline_against_the_cards_repository(name, hub_cache, tm
 
 
 def test_card_of_a_fine_tuned_checkpoint_in_another_repository(hub_cache, tmp_path, monkeypatch):
-    """What `convert` writes: a custom repo, 3 classes with label names; its card's code loads it by hf-hub:."""
+    """What `finetune` writes: a custom repo, 3 classes with label names, the base model it was trained from; its
+    card's code loads it by hf-hub:."""
     labels = ['cat', 'dog', 'fox']
     text = cards.render_model_card(
-        'densenet121', repo_id='acme/densenet121-pets', pretrained_cfg=dict(num_classes=3, label_names=labels))
+        'densenet121', repo_id='acme/densenet121-pets', pretrained_cfg=dict(num_classes=3, label_names=labels),
+        base_model='timm/densenet121.ra_in1k')
     torch.manual_seed(0)
     model = timm.create_model('densenet121.ra_in1k', num_classes=3)
     config_path = tmp_path / 'config.json'
@@ -171,9 +174,14 @@ def test_card_of_a_fine_tuned_checkpoint_in_another_repository(hub_cache, tmp_pa
     assert printed_labels == set(labels)
 
     data = ModelCard(text).data
-    assert data.base_model == 'timm/densenet121.ra_in1k' and data.datasets is None
-    assert 'Fine-tuned to 3 classes from `timm/densenet121.ra_in1k`. Those weights: Trained on ImageNet-1k' in text
-    assert f'| {model_stats("densenet121", num_classes=3).params:,} |' in text
+    assert data.base_model == 'timm/densenet121.ra_in1k' and data.datasets is None and data.license is None
+    assert ('- **Base model:** [timm/densenet121.ra_in1k](https://huggingface.co/timm/densenet121.ra_in1k), the '
+            'weights these were trained from') in text
+    # the base model's data, recipe and papers are its own, not these weights'
+    assert 'ImageNet-1k' not in text and 'RandAugment' not in text and 'wightman2021resnet' not in text
+    assert '- **Dataset:** not stated\n' in text and '- **License:** not stated\n' in text
+    timm_model = timm.models.densenet.densenet121(num_classes=3)  # timm's own DenseNet-121
+    assert f'| {sum(p.numel() for p in timm_model.parameters()):,} |' in text
 
 
 # --- (c) metadata and figures --------------------------------------------------------------------------------------
@@ -188,8 +196,44 @@ def test_card_metadata(name):
     assert data.license == cfg.license and data.license in ('apache-2.0', 'bsd-3-clause')
     assert data.tags[:3] == ['image-classification', 'timm', 'densenet']
     assert data.datasets == ['imagenet-1k']
+    assert data.base_model is None and data.eval_results is None  # trained from scratch; no metrics are registered
+    assert f'- **License:** {cfg.license}\n' in card.text and '- **Dataset:** ImageNet-1k\n' in card.text
+    assert ('the size these weights are evaluated at' in card.text) == (cfg.test_input_size is not None)
     assert ('blurpool' in data.tags) == name.startswith('densenetblur')
     assert card.text.lstrip().startswith(f'# Model card for {name}\n')
+
+
+def timm_builtin_counts(arch: str, input_size) -> Dict[str, float]:
+    """Parameters, and the MACs and output elements of every convolution, linear layer and blur filter, of timm's
+    own DenseNet (`timm.models.densenet`, not this package's), counted from the layers' shapes in a forward pass on the
+    meta device; with those of the transitions' 1x1 convolutions apart."""
+    with torch.device('meta'):
+        model = getattr(timm.models.densenet, arch)().eval()
+    assert type(model).__module__ == 'timm.models.densenet'
+    counts = dict(params=sum(p.numel() for p in model.parameters()), macs=0, outputs=0, transition_macs=0,
+                  transition_outputs=0)
+
+    def count(name, module, _, output):
+        if isinstance(module, torch.nn.Conv2d):
+            per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        elif isinstance(module, torch.nn.Linear):
+            per_output = module.in_features
+        else:  # BlurPool2d: a fixed depthwise filter
+            per_output = module.filt.shape[-2] * module.filt.shape[-1]
+        counts['macs'] += output.numel() * per_output
+        if not isinstance(module, BlurPool2d):
+            counts['outputs'] += output.numel()
+        if 'transition' in name and isinstance(module, torch.nn.Conv2d):
+            counts['transition_macs'] += output.numel() * per_output
+            counts['transition_outputs'] += output.numel()
+
+    hooks = [m.register_forward_hook(functools.partial(count, n)) for n, m in model.named_modules()
+             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear, BlurPool2d))]
+    with torch.no_grad():
+        model(torch.empty((1, *input_size), device='meta'))
+    for hook in hooks:
+        hook.remove()
+    return counts
 
 
 @pytest.mark.parametrize('name', CARD_NAMES)
@@ -201,10 +245,13 @@ def test_card_statistics_preprocessing_and_pyramid_are_measured(name):
     sizes = [cfg.input_size] + ([cfg.test_input_size] if cfg.test_input_size else [])
     assert [(int(h), int(w)) for h, w, *_ in rows] == [tuple(s[1:]) for s in sizes]
     for (_, _, _, params, gmacs, activations), size in zip(rows, sizes):
-        stats = model_stats(name, tuple(size))
-        assert int(params.replace(',', '')) == stats.params
-        assert float(gmacs) == pytest.approx(stats.gmacs, abs=0.005)
-        assert float(activations) == pytest.approx(stats.activations_m, abs=0.005)
+        # against timm's own DenseNet: the same parameters; the same MACs and outputs but for the transitions, whose
+        # 1x1 convolution this package runs after the pooling, on a quarter of the pixels (as the card says)
+        ref = timm_builtin_counts(name.split('.')[0], size)
+        assert int(params.replace(',', '')) == ref['params']
+        assert float(gmacs) == pytest.approx((ref['macs'] - 0.75 * ref['transition_macs']) / 1e9, abs=0.005)
+        assert float(activations) == pytest.approx(
+            (ref['outputs'] - 0.75 * ref['transition_outputs']) / 1e6, abs=0.005)
     if name.startswith('densenet121.'):  # the GUIDE's timm figures, less 3/4 of the transitions' 0.308 GMACs
         assert rows[0][3:5] == ('7,978,856', '2.60')
 
@@ -214,12 +261,13 @@ def test_card_statistics_preprocessing_and_pyramid_are_measured(name):
     assert f'- **Mean:** {tuple(cfg.mean)}\n' in text and f'- **Std:** {tuple(cfg.std)}\n' in text
     assert ('- **Test input size:** 288 x 288 (crop_pct 0.95)' in text) == (cfg.test_input_size is not None)
 
-    with torch.device('meta'):
-        backbone = timm.create_model(name, features_only=True)
+    with torch.device('meta'):  # timm's own DenseNet as a backbone: its maps for a 224 x 224 image
+        backbone = getattr(timm.models.densenet, name.split('.')[0])(features_only=True).eval()
+        maps = backbone(torch.empty((1, 3, 224, 224), device='meta'))
     pyramid = re.findall(r'^\| (\d) \| (\d+) \| (\d+) \| (\d+) x (\d+) \| `([\w.]+)` \|$', text, flags=re.M)
-    assert [int(c) for _, c, *_ in pyramid] == backbone.feature_info.channels()
+    assert [int(c) for _, c, *_ in pyramid] == [m.shape[1] for m in maps] == backbone.feature_info.channels()
     assert [int(r) for _, _, r, *_ in pyramid] == backbone.feature_info.reduction()
-    assert [int(h) for *_, h, _, _ in pyramid] == [224 // r for r in backbone.feature_info.reduction()]
+    assert [(int(h), int(w)) for *_, h, w, _ in pyramid] == [tuple(m.shape[2:]) for m in maps]
 
 
 @pytest.mark.parametrize('name', CARD_NAMES)
@@ -254,6 +302,106 @@ def test_render_arguments_and_errors():
         cards.render_model_card('densenet121.nope')
     with pytest.raises(ValueError, match='no published weights'):
         cards.render_model_card('densenet264d')
+
+
+# --- (c2) a card states about the weights only what is known -----------------------------------------------------
+
+# what a card may say only of weights whose recipe, data or origin is known
+RECIPE_CLAIMS = ['RandAugment', 'ResNet strikes back', 'wightman2021resnet', 'cubuk2020randaugment', 'rw2019timm',
+                 'torchvision2016', 'IMAGENET1K', "torchvision's weights", 'https://github.com/pytorch/vision',
+                 'evaluated at', 'Trained on', 'Fine-tuned', 'ImageNet', 'bsd-3-clause', 'apache-2.0']
+
+
+@functools.lru_cache(maxsize=None)
+def _user_checkpoint(tmp: Path, num_classes: int) -> Path:
+    """A user's randomly initialised torchvision DenseNet-121 checkpoint (torchvision's own code, its own keys)."""
+    import torchvision
+    torch.manual_seed(num_classes)
+    path = tmp / f'densenet121-{num_classes}.pth'
+    torch.save(torchvision.models.densenet121(num_classes=num_classes).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope='module')
+def checkpoints(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('user-checkpoints')
+    return lambda num_classes: _user_checkpoint(tmp, num_classes)
+
+
+@pytest.mark.parametrize('num_classes', [10, 1000])
+@pytest.mark.parametrize('arch', ['densenet121', 'tv_densenet121'])
+def test_converted_card_claims_nothing_unknown(checkpoints, tmp_path, arch, num_classes):
+    folder = convert_checkpoint(checkpoints(num_classes), arch, tmp_path / 'out')
+    card = ModelCard.load(folder / 'README.md')
+    data = card.data
+    assert (data.base_model, data.datasets, data.license, data.eval_results) == (None, None, None, None)
+    assert '- **Dataset:** not stated\n' in card.text and '- **License:** not stated\n' in card.text
+    assert '- **Base model:**' not in card.text and '- **Original:**' not in card.text
+    assert [claim for claim in RECIPE_CLAIMS if claim in card.content] == []
+    assert f'Converted with `timm-densenet-ext convert` from a PyTorch state dict, `densenet121-{num_classes}.pth`.' \
+        in card.text
+    # the architecture's own paper is always stated
+    assert bibtex_keys(card.content) == ['huang2017densely'] and 'https://arxiv.org/abs/1608.06993' in card.text
+    if arch == 'densenet121':  # the test size of densenet121's default tag is recorded, but not claimed as measured
+        assert '- **Test input size:** 288 x 288 (crop_pct 0.95): from the config, not measured for these weights' \
+            in card.text
+
+
+def test_converted_card_states_what_the_user_passes(checkpoints, tmp_path):
+    folder = convert_checkpoint(
+        checkpoints(1000), 'tv_densenet121.tv_in1k', tmp_path / 'out', repo_id='me/tv-densenet121',
+        base_model='densenet121.tv_in1k', datasets='imagenet-1k', license='bsd-3-clause',
+        weights_source="torchvision's DenseNet121_Weights.IMAGENET1K_V1, as downloaded.")
+    card = ModelCard.load(folder / 'README.md')
+    data = card.data
+    assert (data.base_model, data.datasets, data.license) == ('timm/densenet121.tv_in1k', ['imagenet-1k'],
+                                                              'bsd-3-clause')
+    assert '- **Dataset:** imagenet-1k\n' in card.text and '- **License:** bsd-3-clause\n' in card.text
+    assert ("torchvision's DenseNet121_Weights.IMAGENET1K_V1, as downloaded.\n\nConverted with "
+            '`timm-densenet-ext convert` from a PyTorch state dict, `densenet121-1000.pth`.') in card.text
+    assert "print(f'{probability:5.1f}%  {label_names[index]}')" in card.text  # ImageNet's names, from config.json
+    # still no recipe nor papers of a recipe: only what was passed
+    assert bibtex_keys(card.content) == ['huang2017densely'] and 'RandAugment' not in card.text
+
+    # other Hub repositories and datasets as given
+    folder = convert_checkpoint(checkpoints(10), 'densenet121', tmp_path / 'pets', base_model='acme/densenet121-in21k',
+                                datasets=['acme/pets', 'acme/more-pets'], license='cc-by-4.0')
+    data = ModelCard.load(folder / 'README.md').data
+    assert (data.base_model, data.datasets, data.license) == ('acme/densenet121-in21k', ['acme/pets', 'acme/more-pets'],
+                                                              'cc-by-4.0')
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(license='Apache 2.0'), r"license='Apache 2\.0' \(--license\): give a license identifier as the Hub lists"),
+    (dict(base_model='densenet264d'), r"base_model='densenet264d' \(--base-model\): give the Hub repository of the "
+                                      r'weights these were trained from, as ORG/NAME, or a published tag'),
+    (dict(base_model='acme/a/b'), r"base_model='acme/a/b' \(--base-model\): not a Hub repository id"),
+    (dict(datasets=['image net']), r"datasets='image net' \(--dataset\): not a Hub dataset id"),
+])
+def test_card_facts_are_checked_before_anything_is_written(checkpoints, tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        convert_checkpoint(checkpoints(10), 'densenet121', tmp_path / 'out', **kwargs)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match=message):
+        cards.render_model_card('densenet121', repo_id='me/x', **kwargs)
+
+
+def test_write_model_cards_refuses_to_overwrite_without_force(rendered_once, tmp_path):
+    out_dir = tmp_path / 'cards'
+    first = cards.write_model_cards(out_dir)
+    assert [p.name for p in first] == [f'{n}.md' for n in CARD_NAMES]
+    assert cards.write_model_cards(out_dir) == first  # the same text again: nothing to overwrite
+    mine = out_dir / f'{CARD_NAMES[0]}.md'
+    mine.write_text('my edits')
+    (out_dir / f'{CARD_NAMES[1]}.md').unlink()
+    with pytest.raises(FileExistsError) as raised:
+        cards.write_model_cards(out_dir)
+    assert str(raised.value) == (f'{mine} exists with other text; pass force=True (--force) to overwrite it with the '
+                                 f'card rendered now.')
+    assert mine.read_text() == 'my edits' and not (out_dir / f'{CARD_NAMES[1]}.md').exists()  # nothing written
+    cards.write_model_cards(out_dir, force=True)
+    assert all(p.read_text(encoding='utf-8') == rendered(n) for p, n in zip(first, CARD_NAMES))
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(p.name for p in first)  # no temporary files
 
 
 # --- (d) the `card` command ---------------------------------------------------------------------------------------
@@ -318,3 +466,14 @@ def test_cli_unknown_model_from_the_command_line():
     assert proc.stderr.splitlines() == [
         "timm-densenet-ext card: error: unknown model 'densenet999'; `timm-densenet-ext list` shows the "
         f'{len(timm_densenet_ext.MODEL_NAMES)} variants.']
+
+
+def test_card_of_a_model_built_with_other_arguments_does_not_quote_the_variant():
+    """A DenseNet-BC with two layers per block is not the docstring's L=100 model of 0.8M parameters."""
+    model_args = dict(block_config=[2, 2, 2], num_classes=3, in_chans=3)
+    cfg = dict(get_pretrained_cfg('densenet_bc_100_k12').to_dict(), num_classes=3)
+    text = cards.render_model_card('densenet_bc_100_k12', repo_id='me/tiny', pretrained_cfg=cfg, model_args=model_args)
+    assert '0.8M parameters' not in text and 'L=100' not in text
+    assert '- **Architecture:** `densenet_bc_100_k12`, densenet_bc_100_k12 built with block_config=[2, 2, 2]\n' in text
+    tiny = timm.create_model('densenet_bc_100_k12', block_config=(2, 2, 2), num_classes=3)
+    assert f'| 32 x 32 (input size) | {sum(p.numel() for p in tiny.parameters()):,} |' in text

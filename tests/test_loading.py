@@ -131,3 +131,21 @@ def test_one_input_channel_sums_the_first_conv(converted, hub_cache, source_kind
     with torch.no_grad():  # a gray image gives the 3-channel model's output for that image repeated in RGB
         gray = x[:, :1]
         torch.testing.assert_close(model(gray), source(gray.expand(-1, 3, -1, -1)), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('model_name, kwargs, expected', [
+    ('densenet121', dict(pretrained=True), 'timm/densenet121.ra_in1k'),  # the default tag
+    ('densenet121.tv_in1k', dict(pretrained=True), 'timm/densenet121.tv_in1k'),
+    ('tv_densenet121', dict(pretrained=True), 'timm/densenet121.tv_in1k'),  # a tag sharing another's repository
+    ('hf-hub:acme/pets', {}, 'acme/pets'),
+    ('densenet121', {}, None),  # random initialisation
+    ('densenet121', dict(weights='model.pth'), None),  # a file: no repository known
+    ('local-dir:some/folder', {}, None),
+])
+def test_weights_repo_id_is_the_repository_pretrained_loads(model_name, kwargs, expected, hub_cache):
+    from timm_densenet_ext.loading import weights_repo_id
+    assert weights_repo_id(model_name, **kwargs) == expected
+    if expected and kwargs.get('pretrained'):  # the repository timm's own loader downloads from (here: the cache)
+        source = trained(timm.create_model(model_name))
+        add_weights_to_hub_cache(hub_cache, expected, source.state_dict())
+        assert_same_tensors(timm.create_model(model_name, pretrained=True).state_dict(), source.state_dict())

@@ -1,15 +1,18 @@
 """Model cards: the Hub README.md of each pretrained tag, rendered from the registry and the model itself.
 
-The card's text is the Jinja2 template `model_card_template.md` (linked from `model_cards/TEMPLATE.md`). Everything a card states about the model
-(statistics, preprocessing, feature pyramid, the shapes its usage code prints) is measured here from the model built
-on the meta device, so a card cannot drift from the code; the Hub metadata goes through huggingface_hub's
-`ModelCardData` and `ModelCard.from_template`. `timm-densenet-ext card --all` regenerates `model_cards/`.
+The card's text is the Jinja2 template `model_card_template.md` (linked from `model_cards/TEMPLATE.md`). Everything a
+card states about the model (statistics, preprocessing, feature pyramid, the shapes its usage code prints) is measured
+here from the model built on the meta device, so a card cannot drift from the code; about the weights, it states only
+what is known (a published tag's registry entry, or what the caller passes). The Hub metadata goes through
+huggingface_hub's `ModelCardData` and `ModelCard.from_template`. `timm-densenet-ext card --all --force` regenerates
+`model_cards/`.
 """
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
@@ -20,8 +23,8 @@ from ._files import move_into_place
 from .stats import measure
 from .variants import default_cfgs, resolve_model_name
 
-__all__ = ['CARD_DIR', 'TEMPLATE_PATH', 'CITATIONS', 'card_model_names', 'card_path', 'render_model_card',
-           'write_model_card', 'write_model_cards']
+__all__ = ['CARD_DIR', 'TEMPLATE_PATH', 'CITATIONS', 'card_model_names', 'card_path', 'check_card_facts',
+           'render_model_card', 'write_model_card', 'write_model_cards']
 
 CARD_DIR = Path(__file__).resolve().parent.parent / 'model_cards'
 # the template ships inside the package (wheels render cards too); model_cards/TEMPLATE.md links to it
@@ -110,6 +113,8 @@ _RECIPES = {
         citations=('torchvision',)),
 }
 _UNKNOWN_RECIPE = _Recipe('Pretrained weights from {origin}.')
+# a license identifier as the Hub's metadata takes it: apache-2.0, cc-by-nc-4.0, other, ...
+_LICENSE_ID = re.compile(r'[A-Za-z0-9][A-Za-z0-9.+\-]*')
 
 
 def card_model_names() -> List[str]:
@@ -182,6 +187,21 @@ def _measure(name: str, cfg: Dict[str, Any], model_args: Optional[Dict[str, Any]
     )
 
 
+# model arguments a checkpoint itself determines: they leave the variant's architecture as its docstring says
+_HEAD_ARGS = ('num_classes', 'in_chans', 'global_pool')
+
+
+def _arch_doc(arch: str, model_args: Optional[Dict[str, Any]] = None) -> str:
+    """The architecture in a few words: its entrypoint's first docstring line, less any words on weights (the
+    card's weights are described by their own facts, not by the architecture's name); for a model built with other
+    arguments (e.g. block_config), the variant and those arguments, since the docstring's figures no longer hold."""
+    changed = {k: v for k, v in (model_args or {}).items() if k not in _HEAD_ARGS}
+    if changed:
+        return f'{arch} built with ' + ', '.join(f'{k}={v!r}' for k, v in sorted(changed.items()))
+    doc = (timm.models.model_entrypoint(arch).__doc__ or arch).strip().splitlines()[0].rstrip('.')
+    return re.sub(r"\s+with \S+ weights$", '', doc)
+
+
 def _eval_results(repo_id: str, training: Dict[str, Any]) -> Dict[str, Any]:
     """The measured validation accuracy as the Hub's model-index metadata (huggingface_hub's EvalResult)."""
     from huggingface_hub import EvalResult
@@ -189,6 +209,44 @@ def _eval_results(repo_id: str, training: Dict[str, Any]) -> Dict[str, Any]:
         task_type='image-classification', dataset_type='imagefolder', dataset_name=training['data_name'],
         dataset_split='validation', metric_type='accuracy', metric_name='Validation accuracy',
         metric_value=round(training['val_accuracy'], 4))])
+
+
+def check_card_facts(
+        base_model: Optional[str], datasets: Union[str, Sequence[str], None], license: Optional[str],
+) -> Tuple[Optional[str], List[str], Optional[str]]:
+    """The facts a caller states about the weights, checked: a Hub repository id for `base_model` (a published tag
+    such as 'densenet121.ra_in1k' stands for its repository), Hub dataset ids, a license identifier."""
+    from huggingface_hub.utils import validate_repo_id
+    if base_model is not None:
+        if '/' not in base_model:
+            try:
+                arch, tag = resolve_model_name(base_model)
+            except ValueError:
+                arch = tag = None
+            repo = default_cfgs[arch].cfgs[tag].hf_hub_id if arch else None
+            if not repo:
+                raise ValueError(
+                    f'base_model={base_model!r} (--base-model): give the Hub repository of the weights these were '
+                    f'trained from, as ORG/NAME, or a published tag such as densenet121.ra_in1k.')
+            base_model = repo
+        try:
+            validate_repo_id(base_model)
+        except ValueError:
+            raise ValueError(
+                f'base_model={base_model!r} (--base-model): not a Hub repository id; give it as ORG/NAME.') from None
+    datasets = [datasets] if isinstance(datasets, str) else list(datasets or [])
+    for dataset in datasets:
+        try:
+            validate_repo_id(dataset)
+        except ValueError:
+            raise ValueError(
+                f'datasets={dataset!r} (--dataset): not a Hub dataset id; give it as on the Hub, e.g. imagenet-1k or '
+                f'ORG/NAME.') from None
+    if license is not None and not _LICENSE_ID.fullmatch(license):
+        raise ValueError(
+            f'license={license!r} (--license): give a license identifier as the Hub lists them, e.g. apache-2.0, mit, '
+            f'cc-by-4.0, or other.')
+    return base_model, datasets, license
 
 
 def render_model_card(
@@ -199,15 +257,24 @@ def render_model_card(
         weights_source: Optional[str] = None,
         training: Optional[Dict[str, Any]] = None,
         model_args: Optional[Dict[str, Any]] = None,
+        base_model: Optional[str] = None,
+        datasets: Union[str, Sequence[str], None] = None,
+        license: Optional[str] = None,
 ) -> str:
     """The model card (Hub README.md: YAML metadata, then markdown) of 'arch' or 'arch.tag'.
 
-    `pretrained_cfg` overrides the registered config (e.g. num_classes and label_names of a fine-tuned checkpoint);
-    `repo_id` is the Hub repository the usage code loads (default the config's hf_hub_id); `weights_source` is a
-    sentence saying where the weights came from (default from the tag's training recipe). `training` (from
-    `finetune`: data, classes, image counts, recipe lines, per-epoch history, best epoch and its validation accuracy)
-    adds a Training section and the accuracy to the card's metadata as an evaluation result. `model_args` are the
-    arguments the model was built with beyond the variant's (a hub folder's config.json `model_args`).
+    Without `pretrained_cfg`, for the tag's own Hub repository, the card describes the tag's published weights and
+    states what the registry knows of them: their source, data, recipe, license and papers. Any other card (other
+    weights, or another repository: `repo_id`) states only what the arguments say; the rest is omitted or "not
+    stated", never taken from the tag.
+
+    `pretrained_cfg` overrides the registered config (a hub folder's config.json: num_classes, label_names,
+    preprocessing); `repo_id` is the Hub repository the usage code loads (default the config's hf_hub_id);
+    `weights_source` is a sentence saying where the weights came from. `training` (from `finetune`: data, classes,
+    image counts, recipe lines, per-epoch history, best epoch and its validation accuracy) adds a Training section
+    and the accuracy as the card's evaluation result. `model_args` are the arguments the model was built with beyond
+    the variant's (config.json `model_args`). `base_model` (the Hub repository the weights were fine-tuned from, or a
+    published tag), `datasets` (Hub dataset ids) and `license` (a license identifier) go into the metadata and text.
     """
     arch, tag = resolve_model_name(model_name)
     name = f'{arch}.{tag}'
@@ -216,28 +283,37 @@ def render_model_card(
     repo_id = repo_id or cfg.get('hf_hub_id')
     if not repo_id:
         raise ValueError(
-            f'{name} has no published weights; give the Hub repository that holds them (repo_id, --repo-id).')
+            f'{name} has no published weights; give the Hub repository that holds them (repo_id=..., --repo-id).')
+    base_model, datasets, license = check_card_facts(base_model, datasets, license)
     own_repo = repo_id == registered.get('hf_hub_id')
+    # the registry's facts describe the tag's published weights only: not a checkpoint converted "as" the tag
+    published = own_repo and pretrained_cfg is None
     model_ref = name if own_repo else f'hf-hub:{repo_id}'
     num_classes = cfg['num_classes']
-    fine_tuned = num_classes != registered['num_classes']
 
-    # the datasets the tag names; a checkpoint re-headed to other classes was fine-tuned on data we don't know
-    tag_datasets = [_DATASETS[t] for t in tag.split('_') if t in _DATASETS]
-    datasets = [] if fine_tuned else tag_datasets
-    recipe = _RECIPES.get(tag.split('_')[0], _UNKNOWN_RECIPE)
+    recipe = _RECIPES.get(tag.split('_')[0], _UNKNOWN_RECIPE) if published else _Recipe('')
+    dataset_text = None
+    if published:
+        tag_datasets = [_DATASETS[t] for t in tag.split('_') if t in _DATASETS]
+        if not datasets:
+            datasets = [d[0] for d in tag_datasets]
+            dataset_text = ', '.join(d[1] for d in tag_datasets) or None
+        license = license or cfg.get('license')
+        if weights_source is None:
+            weights_source = recipe.source.format(
+                dataset=' and '.join(d[1] for d in tag_datasets) or 'its dataset', arch=arch,
+                tv_weights=arch.replace('densenet', 'DenseNet') + '_Weights',
+                origin=registered.get('origin_url') or f'the [{repo_id}](https://huggingface.co/{repo_id}) repository')
+    if dataset_text is None:
+        dataset_text = (', '.join(datasets) if datasets else
+                        f'{training["data_name"]} (see Training)' if training else 'not stated')
     if weights_source is None:
-        weights_source = recipe.source.format(
-            dataset=' and '.join(d[1] for d in tag_datasets) or 'its dataset', arch=arch,
-            tv_weights=arch.replace('densenet', 'DenseNet') + '_Weights',
-            origin=registered.get('origin_url') or f'the [{repo_id}](https://huggingface.co/{repo_id}) repository')
-        if fine_tuned and registered.get('hf_hub_id'):
-            weights_source = (f'Fine-tuned to {num_classes} classes from `{registered["hf_hub_id"]}`. '
-                              f'Those weights: {weights_source}')
+        weights_source = 'Where these weights come from is not stated.'
 
     figures = _measure(name, cfg, model_args)
     blur = figures.pop('blur')
 
+    # the architecture's papers always; a training recipe's only for the weights it made
     papers = []
     if cfg.get('paper_name') and cfg.get('paper_ids'):
         ids = cfg['paper_ids'] if isinstance(cfg['paper_ids'], (list, tuple)) else [cfg['paper_ids']]
@@ -248,18 +324,18 @@ def render_model_card(
 
     if cfg.get('label_names') and not own_repo:
         labels = 'cfg'
-    elif num_classes == 1000 and ('imagenet-1k', 'ImageNet-1k') in datasets:
+    elif num_classes == 1000 and 'imagenet-1k' in datasets:
         labels = 'imagenet'
     else:
         labels = 'index'
 
     card_data = ModelCardData(
         library_name='timm',
-        license=cfg.get('license'),
+        license=license,
         tags=['image-classification', 'timm', 'densenet', 'timm-densenet-ext'] + (['blurpool'] if blur else []),
-        datasets=[d[0] for d in datasets] or None,
+        datasets=datasets or None,
         pipeline_tag='image-classification',
-        base_model=registered['hf_hub_id'] if fine_tuned and registered.get('hf_hub_id') else None,
+        base_model=base_model,
         **(_eval_results(repo_id, training) if training else {}),
     )
     card = ModelCard.from_template(
@@ -267,16 +343,18 @@ def render_model_card(
         template_path=str(TEMPLATE_PATH),
         title=repo_id if not own_repo else name,
         arch=arch,
-        arch_doc=(timm.models.model_entrypoint(arch).__doc__ or arch).strip().splitlines()[0].rstrip('.'),
+        arch_doc=_arch_doc(arch, model_args),
         repo_id=repo_id,
         model_ref=model_ref,
         aliases=[f'{a}.{t}' for a, d in default_cfgs.items() for t, c in d.cfgs.items()
                  if own_repo and c.hf_hub_id == repo_id and f'{a}.{t}' != name],
         weights_source=weights_source,
-        dataset_names=[d[1] for d in datasets],
+        published=published,
+        base_model=base_model,
+        dataset_text=dataset_text,
         num_classes=num_classes,
-        license_id=cfg.get('license'),
-        origin_url=cfg.get('origin_url'),
+        license_id=license,
+        origin_url=cfg.get('origin_url') if published else None,
         papers=papers,
         labels=labels,
         citations=[CITATIONS[c] for c in citations],
@@ -301,7 +379,7 @@ def _write_atomic(path: Path, text: str, force: bool) -> None:
         with os.fdopen(fd, 'w', encoding='utf-8', newline='') as f:
             f.write(text)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make the card private
-        move_into_place(tmp, path, force, f'{path} exists; pass --force (force=True) to overwrite it.')
+        move_into_place(tmp, path, force, f'{path} exists; pass force=True (--force) to overwrite it.')
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -311,16 +389,25 @@ def write_model_card(model_name: str, out: Union[str, Path], *, force: bool = Fa
     """Render the card of 'arch[.tag]' into the file `out`; an existing file is kept unless `force`."""
     out = Path(out)
     if out.exists() and not force:
-        raise FileExistsError(f'{out} exists; pass --force (force=True) to overwrite it.')
+        raise FileExistsError(f'{out} exists; pass force=True (--force) to overwrite it.')
     _write_atomic(out, render_model_card(model_name, **render_kwargs), force)
     return out
 
 
-def write_model_cards(out_dir: Union[str, Path, None] = None) -> List[Path]:
-    """Re-render the card of every `card_model_names()` tag into `out_dir` (default `model_cards/`)."""
-    paths = []
-    for name in card_model_names():
-        path = card_path(name, out_dir)
-        _write_atomic(path, render_model_card(name), force=True)
-        paths.append(path)
-    return paths
+def write_model_cards(out_dir: Union[str, Path, None] = None, *, force: bool = False) -> List[Path]:
+    """Render the card of every `card_model_names()` tag into `out_dir` (default `model_cards/`).
+
+    A card file that exists with other text is overwritten only with `force`; without it nothing is written. Files
+    that already hold the rendered text are left as they are.
+    """
+    cards = [(card_path(name, out_dir), render_model_card(name)) for name in card_model_names()]
+    differ = [path for path, text in cards if path.exists() and path.read_bytes() != text.encode('utf-8')]
+    if differ and not force:
+        more = f' (and {len(differ) - 1} more)' if len(differ) > 1 else ''
+        raise FileExistsError(
+            f'{differ[0]}{more} exists with other text; pass force=True (--force) to overwrite it with the card '
+            f'rendered now.')
+    for path, text in cards:
+        if path in differ or not path.exists():  # a file that appeared since is refused unless `force`
+            _write_atomic(path, text, force=force)
+    return [path for path, _ in cards]

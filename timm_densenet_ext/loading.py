@@ -5,13 +5,13 @@ or a hub folder / Hub repository named as the model ('local-dir:DIR', 'hf-hub:OR
 the same thing in every command.
 """
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch.nn as nn
 
 from .variants import default_cfgs, resolve_model_name
 
-__all__ = ['HUB_PREFIXES', 'load_model', 'model_card_name']
+__all__ = ['HUB_PREFIXES', 'load_model', 'model_card_name', 'weights_repo_id']
 
 # timm model names that carry their own weights: a hub folder on disk, a Hub repository
 HUB_PREFIXES = ('local-dir:', 'hf-hub:')
@@ -98,3 +98,24 @@ def model_card_name(model: nn.Module) -> str:
     if cfg.get('tag') in default_cfgs[arch].tags:
         tag = cfg['tag']
     return f'{arch}.{tag}'
+
+
+def weights_repo_id(
+        model_name: str,
+        *,
+        pretrained: bool = False,
+        weights: Union[str, Path, None] = None,
+) -> Optional[str]:
+    """The Hub repository ('ORG/NAME') whose weights `load_model` loads for these arguments: a model card's
+    `base_model` when they are fine-tuned. 'hf-hub:ORG/NAME' gives ORG/NAME; a registered variant with `pretrained`
+    its tag's repository ('densenet121' -> 'timm/densenet121.ra_in1k'). None where the weights are not a Hub
+    repository's: a checkpoint file (`weights`), a local folder ('local-dir:DIR'), or random initialisation.
+    """
+    if weights is not None or model_name.startswith('local-dir:'):
+        return None
+    if model_name.startswith('hf-hub:'):
+        return model_name[len('hf-hub:'):].split('@', 1)[0] or None
+    if not pretrained:
+        return None
+    arch, tag = resolve_model_name(model_name)
+    return default_cfgs[arch].cfgs[tag].hf_hub_id or None
