@@ -372,11 +372,11 @@ def test_converted_card_states_what_the_user_passes(checkpoints, tmp_path):
 
 
 @pytest.mark.parametrize('kwargs, message', [
-    (dict(license='Apache 2.0'), r"license='Apache 2\.0' \(--license\): give a license identifier as the Hub lists"),
-    (dict(base_model='densenet264d'), r"base_model='densenet264d' \(--base-model\): give the Hub repository of the "
+    (dict(license='Apache 2.0'), r"license='Apache 2\.0': give a license identifier as the Hub lists"),
+    (dict(base_model='densenet264d'), r"base_model='densenet264d': give the Hub repository of the "
                                       r'weights these were trained from, as ORG/NAME, or a published tag'),
-    (dict(base_model='acme/a/b'), r"base_model='acme/a/b' \(--base-model\): not a Hub repository id"),
-    (dict(datasets=['image net']), r"datasets='image net' \(--dataset\): not a Hub dataset id"),
+    (dict(base_model='acme/a/b'), r"base_model='acme/a/b': not a Hub repository id"),
+    (dict(datasets=['image net']), r"datasets='image net': not a Hub dataset id"),
 ])
 def test_card_facts_are_checked_before_anything_is_written(checkpoints, tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -396,7 +396,7 @@ def test_write_model_cards_refuses_to_overwrite_without_force(rendered_once, tmp
     (out_dir / f'{CARD_NAMES[1]}.md').unlink()
     with pytest.raises(FileExistsError) as raised:
         cards.write_model_cards(out_dir)
-    assert str(raised.value) == (f'{mine} exists with other text; pass force=True (--force) to overwrite it with the '
+    assert str(raised.value) == (f'{mine} exists with other text; pass force=True to overwrite it with the '
                                  f'card rendered now.')
     assert mine.read_text() == 'my edits' and not (out_dir / f'{CARD_NAMES[1]}.md').exists()  # nothing written
     cards.write_model_cards(out_dir, force=True)
@@ -449,7 +449,7 @@ def test_cli_card_out_refuses_to_overwrite(rendered_once, tmp_path, capsys):
 @pytest.mark.parametrize('argv, message', [
     (['card', 'densenet999'], "unknown model 'densenet999'"),
     (['card', 'densenet121.nope'], "unknown pretrained tag 'nope'"),
-    (['card'], 'give a MODEL[.TAG]'),
+    (['card'], 'give -m/--model MODEL[.TAG]'),
 ])
 def test_cli_card_errors_are_one_line(argv, message, capsys):
     assert cli.main(argv) == 2

@@ -57,7 +57,8 @@ def test_convert_writes_model_config_and_card(converted, tmp_path):
     assert sorted(p.name for p in folder.parent.iterdir()) == ['bc10', 'last.pth.tar']  # no temporary leftovers
     assert [name for name, _ in upload_files(folder)] == ['README.md', 'config.json', 'model.safetensors']
     assert f'wrote {folder} (densenet_bc_100_k12, 10 classes)' in converted.stdout
-    assert f"timm.create_model('local-dir:{folder}')" in converted.stdout
+    assert (f"load it in Python: import timm, timm_densenet_ext; model = timm.create_model('local-dir:{folder}', "
+            f"pretrained=True)") in converted.stdout  # pretrained=True: without it timm builds random weights
 
     # the EMA weights, as they are: every tensor of the model
     weights = load_file(str(folder / 'model.safetensors'))
@@ -116,7 +117,7 @@ def test_force_replaces_an_existing_folder(converted, second_checkpoint, tmp_pat
     folder = tmp_path / 'bc10'
     shutil.copytree(converted.folder, folder)
     path, model = second_checkpoint
-    with pytest.raises(FileExistsError, match='folder exists and is not empty; pass --force'):
+    with pytest.raises(FileExistsError, match='folder exists and is not empty; pass force=True'):
         convert_checkpoint(path, SMALL, folder)
     convert_checkpoint(path, SMALL, folder, force=True, repo_id=REPO)
     weights = load_file(str(folder / 'model.safetensors'))
@@ -163,7 +164,7 @@ def test_force_only_replaces_a_flat_folder_without_the_checkpoint(second_checkpo
     flat.mkdir()
     inside = flat / path.name
     shutil.copyfile(path, inside)
-    with pytest.raises(FileExistsError, match='flat: holds the checkpoint being converted; choose another --out'):
+    with pytest.raises(FileExistsError, match='flat: holds the checkpoint being converted; choose another out_dir=DIR'):
         convert_checkpoint(inside, SMALL, flat, force=True)
     assert (project / 'src').is_dir() and inside.read_bytes() == path.read_bytes()
 
@@ -395,7 +396,7 @@ BAD_FOLDERS = [
     (_edit_card, ['--repo-id', 'me/elsewhere'],
      r'README\.md: its usage code loads hf-hub:me/bc10, not hf-hub:me/elsewhere, and it was edited after it was '
      r'written, so push does not rewrite it; replace me/bc10 with me/elsewhere in it, or delete it'),
-    (lambda f: None, ['--repo-id', 'bc10'], r"repo_id='bc10' \(--repo-id\): give the repository as ORG/NAME"),
+    (lambda f: None, ['--repo-id', 'bc10'], r"--repo-id 'bc10': give the repository as ORG/NAME"),
 ]
 
 
@@ -425,7 +426,7 @@ HUB_FAILURES = [
     ('create_branch', 403, PermissionError, rf'the Hub refused to write to {REPO} \(HTTP 403: You don\'t have the '
      r'rights'),
     ('commit', 404, hub.PushError, rf'the Hub at HUB_URL answered HTTP 404: Repository not found while committing '
-     rf'to {REPO} \(branch v1\); check the ORG/NAME of repo_id \(--repo-id\), the branch of revision \(--revision\), '
+     rf'to {REPO} \(branch v1\); check repo_id=ORG/NAME, revision=BRANCH if given, '
      r'and HF_ENDPOINT if set\.'),
     ('create_repo', 503, hub.PushError, rf'the Hub at HUB_URL failed while creating {REPO} \(HTTP 503: Service '
      r'Unavailable\); the problem is on its side: push again later \(https://status\.huggingface\.co\)\.'),
@@ -487,6 +488,6 @@ def test_push_offline_is_one_line_and_sends_nothing(converted, fake_hub, monkeyp
         push_folder(converted.folder, REPO)
     assert str(raised.value) == (
         f'cannot push to {REPO}: HF_HUB_OFFLINE is set; unset it (or set HF_HUB_OFFLINE=0) to push, or pass '
-        'dry_run=True (--dry-run) to see what would be uploaded.')
+        'dry_run=True to see what would be uploaded.')
     assert fake_hub.requests == []
     assert push_folder(converted.folder, REPO, dry_run=True).dry_run  # a dry run needs no network

@@ -6,7 +6,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import pytest
 import timm
@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from timm_densenet_ext.demo import MODEL_FOLDER, next_steps
+from hub_fixtures import FakeHub
 from workflow_helpers import TINY_ARCH, TINY_ARGS, write_image_folder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,15 +22,15 @@ BIN = Path(sys.executable).parent
 PYTHON_LINE = 'load it in Python: '
 
 
-def _env() -> Dict[str, str]:
+def _env(**extra: str) -> Dict[str, str]:
     # the console script of this environment first on PATH, as in an activated venv; offline, no token
     env = dict(os.environ, PATH=f'{BIN}{os.pathsep}{os.environ.get("PATH", "")}', HF_HUB_OFFLINE='1')
     env.pop('HF_TOKEN', None)
-    return env
+    return dict(env, **extra)
 
 
-def _run(command: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(command, shell=True, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
+def _run(command: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(command, shell=True, cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=600)
 
 
 def _next_steps(printed: str) -> List[str]:
@@ -39,15 +40,25 @@ def _next_steps(printed: str) -> List[str]:
     return [line.strip() for line in lines[lines.index('next:') + 1:] if line.startswith('  ')]
 
 
-def _run_step(step: str, cwd: Path) -> subprocess.CompletedProcess:
-    """A printed step, exactly as printed: a Python line in `python -c`, anything else in the shell."""
+def _run_step(step: str, cwd: Path, hub: Optional[FakeHub] = None) -> subprocess.CompletedProcess:
+    """A printed step, exactly as printed: a Python line in `python -c`, anything else in the shell; `publish it`
+    with a token, against `hub` (a Hub on 127.0.0.1, HF_ENDPOINT), as after `hf auth login`."""
     if step.startswith(PYTHON_LINE):
         code = step[len(PYTHON_LINE):] + '\nprint(type(model).__name__, model.num_classes)'
         return subprocess.run([sys.executable, '-c', code], cwd=cwd, env=_env(), capture_output=True, text=True,
                               timeout=600)
     name = step.split(':', 1)[0]
     command = step.split(': ', 1)[1] if name in ('check the upload', 'publish it') else step
+    if name == 'publish it':
+        return _run(command, cwd, HF_ENDPOINT=hub.endpoint, HF_HUB_OFFLINE='0', HF_TOKEN='hf_user_token')
     return _run(command, cwd)
+
+
+@pytest.fixture
+def hub():
+    server = FakeHub()
+    yield server
+    server.close()
 
 
 @pytest.fixture(scope='module')
@@ -85,7 +96,7 @@ def _convert(tmp_path: Path, extra: str = '') -> subprocess.CompletedProcess:
                 tmp_path)
 
 
-def test_convert_s_next_steps_run_as_printed_and_load_the_converted_weights(tmp_path):
+def test_convert_s_next_steps_run_as_printed_and_load_the_converted_weights(tmp_path, hub):
     proc = _convert(tmp_path)
     assert proc.returncode == 0, proc.stderr
     steps = _next_steps(proc.stdout)
@@ -103,9 +114,16 @@ def test_convert_s_next_steps_run_as_printed_and_load_the_converted_weights(tmp_
     result = _run_step(dry_run, tmp_path)
     assert result.returncode == 0, result.stderr
     assert 'would upload to ORG/NAME' in result.stdout and 'hf-hub:ORG/NAME' in result.stdout
+    publish = next(s for s in steps if s.startswith('publish it: '))
+    result = _run_step(publish, tmp_path, hub)
+    assert result.returncode == 0, result.stderr
+    pushed = hub.repos['ORG/NAME']['branches']['main']
+    assert sorted(pushed) == ['README.md', 'config.json', 'model.safetensors']
+    assert pushed['model.safetensors'] == (tmp_path / 'converted' / 'model.safetensors').read_bytes()
+    assert b'hf-hub:ORG/NAME' in pushed['README.md'] and b'YOUR-ORG' not in pushed['README.md']
 
 
-def test_finetune_s_next_steps_run_as_printed(tmp_path):
+def test_finetune_s_next_steps_run_as_printed(tmp_path, hub):
     write_image_folder(tmp_path / 'data', ['apple', 'banana'], train=4, val=2)
     model = timm.create_model(TINY_ARCH, num_classes=3, **TINY_ARGS)
     torch.save(model.state_dict(), tmp_path / 'start.pth')
@@ -115,10 +133,9 @@ def test_finetune_s_next_steps_run_as_printed(tmp_path):
     steps = _next_steps(proc.stdout)
     assert 'check the upload: timm-densenet-ext push tuned --repo-id me/tuned --dry-run' in steps
     for step in steps:
-        if step.startswith('publish it: '):  # needs a token and the Hub: test_hub runs it against a local Hub
-            continue
-        result = _run_step(step, tmp_path)
+        result = _run_step(step, tmp_path, hub)
         assert result.returncode == 0, f'{step}\n{result.stderr}'
+    assert sorted(hub.repos['me/tuned']['branches']['main']) == ['README.md', 'config.json', 'model.safetensors']
     tuned = load_file(str(tmp_path / 'tuned' / 'model.safetensors'))
     assert tuned['classifier.weight'].shape[0] == 2
 

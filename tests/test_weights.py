@@ -218,7 +218,7 @@ BAD_INPUTS = [
     ('good.pth', ['--model', 'densenet121.nope'], r"unknown pretrained tag 'nope' for densenet121; its tags are: "),
     ('missing.pth', [], r'missing\.pth: no such file; check the checkpoint path\.'),
     ('good.pth', ['--out', 'not-empty'], r'not-empty: folder exists and is not empty; pass --force to replace it'),
-    ('good.pth', ['--out', 'a-file', '--force'], r'a-file: exists and is not a folder; choose another --out\.'),
+    ('good.pth', ['--out', 'a-file', '--force'], r'a-file: exists and is not a folder; choose another --output DIR\.'),
     ('good.pth', ['--out', '.', '--force'], r'\.: holds folders \(not-empty\), so it is not a folder `convert` wrote'),
 ]
 

@@ -28,6 +28,9 @@ FLAGS = {
     'use_ema': '--no-ema',
     'base_model': '--base-model',
     'dataset': '--dataset',
+    'datasets': '--dataset',
+    'revision': '--revision',
+    'weights_source': '--weights-source',
     'license': '--license',
 }
 

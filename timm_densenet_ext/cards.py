@@ -19,7 +19,8 @@ import torch
 from huggingface_hub import ModelCard, ModelCardData
 from timm.layers import BlurPool2d
 
-from ._files import move_into_place
+from ._files import claim, move_into_place
+from ._naming import arg
 from .stats import measure
 from .variants import default_cfgs, resolve_model_name
 
@@ -226,25 +227,25 @@ def check_card_facts(
             repo = default_cfgs[arch].cfgs[tag].hf_hub_id if arch else None
             if not repo:
                 raise ValueError(
-                    f'base_model={base_model!r} (--base-model): give the Hub repository of the weights these were '
+                    f'{arg("base_model", repr(base_model))}: give the Hub repository of the weights these were '
                     f'trained from, as ORG/NAME, or a published tag such as densenet121.ra_in1k.')
             base_model = repo
         try:
             validate_repo_id(base_model)
         except ValueError:
             raise ValueError(
-                f'base_model={base_model!r} (--base-model): not a Hub repository id; give it as ORG/NAME.') from None
+                f'{arg("base_model", repr(base_model))}: not a Hub repository id; give it as ORG/NAME.') from None
     datasets = [datasets] if isinstance(datasets, str) else list(datasets or [])
     for dataset in datasets:
         try:
             validate_repo_id(dataset)
         except ValueError:
             raise ValueError(
-                f'datasets={dataset!r} (--dataset): not a Hub dataset id; give it as on the Hub, e.g. imagenet-1k or '
+                f'{arg("datasets", repr(dataset))}: not a Hub dataset id; give it as on the Hub, e.g. imagenet-1k or '
                 f'ORG/NAME.') from None
     if license is not None and not _LICENSE_ID.fullmatch(license):
         raise ValueError(
-            f'license={license!r} (--license): give a license identifier as the Hub lists them, e.g. apache-2.0, mit, '
+            f'{arg("license", repr(license))}: give a license identifier as the Hub lists them, e.g. apache-2.0, mit, '
             f'cc-by-4.0, or other.')
     return base_model, datasets, license
 
@@ -283,7 +284,7 @@ def render_model_card(
     repo_id = repo_id or cfg.get('hf_hub_id')
     if not repo_id:
         raise ValueError(
-            f'{name} has no published weights; give the Hub repository that holds them (repo_id=..., --repo-id).')
+            f'{name} has no published weights; give the Hub repository that holds them ({arg("repo_id", "ORG/NAME")}).')
     base_model, datasets, license = check_card_facts(base_model, datasets, license)
     own_repo = repo_id == registered.get('hf_hub_id')
     # the registry's facts describe the tag's published weights only: not a checkpoint converted "as" the tag
@@ -374,23 +375,26 @@ def _umask() -> int:
 def _write_atomic(path: Path, text: str, force: bool) -> None:
     """Write `text` to a temp file beside `path`, then move it into place (never over a file unless `force`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'w', encoding='utf-8', newline='') as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make the card private
-        move_into_place(tmp, path, force, f'{path} exists; pass force=True (--force) to overwrite it.')
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with claim(path):
+        fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+        try:
+            with os.fdopen(fd, 'w', encoding='utf-8', newline='') as f:
+                f.write(text)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make the card private
+            move_into_place(tmp, path, force, f'{path} exists; pass {arg("force")} to overwrite it.')
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def write_model_card(model_name: str, out: Union[str, Path], *, force: bool = False, **render_kwargs: Any) -> Path:
     """Render the card of 'arch[.tag]' into the file `out`; an existing file is kept unless `force`."""
     out = Path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f'{out} exists; pass force=True (--force) to overwrite it.')
-    _write_atomic(out, render_model_card(model_name, **render_kwargs), force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with claim(out):
+        if out.exists() and not force:
+            raise FileExistsError(f'{out} exists; pass {arg("force")} to overwrite it.')
+        _write_atomic(out, render_model_card(model_name, **render_kwargs), force)
     return out
 
 
@@ -405,7 +409,7 @@ def write_model_cards(out_dir: Union[str, Path, None] = None, *, force: bool = F
     if differ and not force:
         more = f' (and {len(differ) - 1} more)' if len(differ) > 1 else ''
         raise FileExistsError(
-            f'{differ[0]}{more} exists with other text; pass force=True (--force) to overwrite it with the card '
+            f'{differ[0]}{more} exists with other text; pass {arg("force")} to overwrite it with the card '
             f'rendered now.')
     for path, text in cards:
         if path in differ or not path.exists():  # a file that appeared since is refused unless `force`

@@ -179,16 +179,17 @@ def _cmd_list(args: argparse.Namespace) -> None:
 def _cmd_card(args: argparse.Namespace) -> None:
     from .cards import render_model_card, write_model_card, write_model_cards
     if args.all:
-        if args.model or args.repo_id:
-            raise CliError('--all renders every pretrained tag; give it without -m/--model or --repo-id.')
+        if args.model or args.repo_id or _card_facts(args):
+            raise CliError('--all renders every published tag as published; give it without -m/--model, --repo-id, '
+                           '--base-model, --dataset or --license.')
         for path in write_model_cards(args.output, force=args.force):
             print(path)
     elif not args.model:
         raise CliError('give -m/--model MODEL[.TAG] to render, or --all to regenerate every card.')
     elif args.output:
-        print(write_model_card(args.model, args.output, force=args.force, repo_id=args.repo_id))
+        print(write_model_card(args.model, args.output, force=args.force, repo_id=args.repo_id, **_card_facts(args)))
     else:
-        sys.stdout.write(render_model_card(args.model, repo_id=args.repo_id))
+        sys.stdout.write(render_model_card(args.model, repo_id=args.repo_id, **_card_facts(args)))
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
@@ -208,9 +209,21 @@ def _cmd_convert(args: argparse.Namespace) -> None:
 
 
 def _card_facts(args: argparse.Namespace) -> Dict[str, object]:
-    """What the user states about converted weights, for their card; nothing is assumed."""
-    return {k: v for k, v in dict(base_model=args.base_model, dataset=args.dataset, license=args.license).items()
-            if v is not None}
+    """What the user states about the weights, for their card; nothing is assumed."""
+    facts = dict(base_model=args.base_model, datasets=args.datasets, license=args.license,
+                 weights_source=getattr(args, 'weights_source', None))
+    return {k: v for k, v in facts.items() if v is not None}
+
+
+def _add_card_facts(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--base-model', metavar='REPO|TAG',
+                   help='the Hub repository (ORG/NAME) or published tag (densenet121.ra_in1k) these weights were '
+                        'fine-tuned from; stated in the card (default: not stated)')
+    p.add_argument('--dataset', dest='datasets', action='append', metavar='ID',
+                   help='a Hub dataset id the weights were trained on (imagenet-1k, ORG/NAME); repeat for several '
+                        '(default: not stated)')
+    p.add_argument('--license', metavar='ID', help="the weights' license as the Hub lists it (apache-2.0, mit, "
+                                                   'cc-by-4.0, other) (default: not stated)')
 
 
 def _cmd_push(args: argparse.Namespace) -> None:
@@ -222,10 +235,11 @@ def _cmd_push(args: argparse.Namespace) -> None:
     target = result.repo_id + (f' (branch {result.revision})' if result.revision else '')
     print(f'{"would upload" if result.dry_run else "uploaded"} to {target}:')
     _print_files(result.files)
-    card = getattr(result, 'card', None)
-    if result.dry_run and card:
-        print(f'README.md (the model card, rendered for {result.repo_id}):')
-        print('\n'.join('  | ' + line for line in card.rstrip('\n').splitlines()))
+    if result.dry_run:
+        how = {'folder': f'as it is in {folder}', 'rendered': f'rendered for {result.repo_id}; the folder is unchanged',
+               'config': f'rendered for {result.repo_id} from config.json'}.get(result.card_source, result.card_source)
+        print(f'README.md, the model card ({how}):')
+        print('\n'.join(('  | ' + line).rstrip() for line in result.card.rstrip('\n').splitlines()))
     print('dry run: nothing was uploaded.' if result.dry_run else (result.pr_url or result.commit_url))
 
 
@@ -370,32 +384,35 @@ def build_parser() -> argparse.ArgumentParser:
                positional=False)
     _add_output(p, 'the hub folder to write')
     p.add_argument('--num-classes', type=int, metavar='N', help="check the classifier has N classes (default: read)")
-    p.add_argument('--repo-id', metavar='ORG/NAME', help="the Hub repository the card's usage code loads")
+    p.add_argument('--repo-id', metavar='ORG/NAME', help="the repository the card's usage code loads (optional: push "
+                                                          'renders the card for the repository it pushes to)')
     p.add_argument('--no-ema', action='store_true', help="read a training checkpoint's 'state_dict', not its EMA")
-    p.add_argument('--base-model', metavar='ORG/NAME',
-                   help="the Hub model these weights were fine-tuned from, for the card (default: not stated)")
-    p.add_argument('--dataset', metavar='NAME', action='append',
-                   help='a dataset the weights were trained on, for the card; repeat for several (default: not stated)')
-    p.add_argument('--license', metavar='ID', help="the weights' license (a Hub license id, e.g. apache-2.0) for the "
-                                                   'card (default: not stated)')
+    _add_card_facts(p)
+    p.add_argument('--weights-source', metavar='TEXT',
+                   help='a sentence on where the weights come from, put in the card before the conversion note')
     _add_force(p, 'replace an existing --output folder (kept if the write fails)')
 
     p = command('card', _cmd_card, "render a pretrained tag's model card (the README.md of its Hub repository)")
     _add_model(p, help='variant, optionally with a pretrained tag', required=False)
-    p.add_argument('--all', action='store_true', help='regenerate the card of every pretrained tag in model_cards/')
+    p.add_argument('--all', action='store_true', help="write every published tag's card into model_cards/ (or "
+                                                      '--output DIR); cards with other text are kept unless --force')
     _add_output(p, 'write the card to this file (with --all: into this folder)', required=False)
     _add_force(p, 'overwrite existing card files')
-    p.add_argument('--repo-id', metavar='ORG/NAME', help="the Hub repository the usage code loads (default: the tag's own)")
+    p.add_argument('--repo-id', metavar='ORG/NAME', help="the repository the usage code loads (default: the tag's "
+                                                         'own; for another the card states only the facts you pass)')
+    _add_card_facts(p)
 
     p = command('push', _cmd_push, 'upload a hub folder to a Hugging Face Hub repository')
     _add_model(p, help='the hub folder to upload, DIR or local-dir:DIR (written by convert or finetune)')
-    p.add_argument('--repo-id', required=True, metavar='ORG/NAME', help='the repository (created if missing)')
+    p.add_argument('--repo-id', required=True, metavar='ORG/NAME',
+                   help="the repository (created if missing); the card's usage code, links and title are rendered "
+                        'for it')
     p.add_argument('--private', action='store_true', help='create the repository private')
     p.add_argument('--revision', metavar='BRANCH', help='the branch to commit to (created if missing)')
     p.add_argument('--commit-message', metavar='M', help='the commit message')
     p.add_argument('--create-pr', action='store_true', help='open a pull request instead of committing')
-    p.add_argument('--dry-run', action='store_true', help='validate and show what would be uploaded, card text '
-                                                          'included; needs no token')
+    p.add_argument('--dry-run', action='store_true', help='validate the folder and print what would be uploaded, '
+                                                          'the model card included; needs no token or network')
     return parser
 
 

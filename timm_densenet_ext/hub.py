@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 
+from ._files import claim
+from ._naming import arg
 from .variants import default_cfgs, resolve_model_name
 from .weights import model_from_checkpoint, read_checkpoint
 
@@ -40,20 +42,22 @@ def check_out_dir(out_dir: Path, force: bool, source: Optional[Path] = None) -> 
     if not (out_dir.exists() or out_dir.is_symlink()):
         return
     if not out_dir.is_dir():
-        raise FileExistsError(f'{out_dir}: exists and is not a folder; choose another --out.')
+        raise FileExistsError(f'{out_dir}: exists and is not a folder; choose another {arg("out_dir", "DIR")}.')
     entries = sorted(out_dir.iterdir())
     if not entries:
         return
     if not force:
         raise FileExistsError(
-            f'{out_dir}: folder exists and is not empty; pass --force to replace it, or choose another --out.')
+            f'{out_dir}: folder exists and is not empty; pass {arg("force")} to replace it, or choose another '
+            f'{arg("out_dir", "DIR")}.')
     folders = [e.name for e in entries if e.is_dir()]
     if folders:
         raise FileExistsError(
-            f'{out_dir}: holds folders ({", ".join(folders[:3])}), so it is not a folder `convert` wrote, and --force '
-            f'only replaces those; choose another --out.')
+            f'{out_dir}: holds folders ({", ".join(folders[:3])}), so it is not a folder `convert` wrote, and '
+            f'{arg("force")} only replaces those; choose another {arg("out_dir", "DIR")}.')
     if source is not None and source.resolve().parent == out_dir.resolve():
-        raise FileExistsError(f'{out_dir}: holds the checkpoint being converted; choose another --out.')
+        raise FileExistsError(
+            f'{out_dir}: holds the checkpoint being converted; choose another {arg("out_dir", "DIR")}.')
 
 
 def _swap_in(staging: Path, out_dir: Path) -> None:
@@ -139,14 +143,24 @@ def write_hub_folder(
     Everything is written to a temporary folder beside `out_dir`, then renamed: a failed write leaves `out_dir` as
     it was. An existing non-empty `out_dir` is replaced only with `force`.
     """
-    from timm.models import save_for_hf
-
     from .cards import check_card_facts
     out_dir = Path(out_dir)
     check_card_facts(base_model, datasets, license)
-    check_out_dir(out_dir, force)
     target = out_dir.absolute()  # a name to put the temporary folder beside, also for '.'
     target.parent.mkdir(parents=True, exist_ok=True)
+    with claim(target):  # from the check to the rename: a second writer of the same folder is refused, not lost
+        check_out_dir(out_dir, force)
+        _write_staged(model, target, model_name, repo_id, label_names, data_config, dict(
+            weights_source=weights_source, training=training, base_model=base_model,
+            datasets=[datasets] if isinstance(datasets, str) else datasets, license=license))
+    return out_dir
+
+
+def _write_staged(model: nn.Module, target: Path, model_name: str, repo_id: Optional[str],
+                  label_names: Optional[Sequence[str]], data_config: Optional[Dict[str, Any]],
+                  facts: Dict[str, Any]) -> None:
+    """Write the folder's files into a temporary folder beside `target`, then swap it in."""
+    from timm.models import save_for_hf
     staging = target.with_name(f'.{target.name}.{secrets.token_hex(4)}.tmp')
     staging.mkdir()
     try:
@@ -154,9 +168,7 @@ def write_hub_folder(
         save_for_hf(model, str(staging), model_config=labels, data_config=data_config, safe_serialization=True)
         config = json.loads((staging / CONFIG_FILE).read_text())
         repo_id = repo_id or f'{PLACEHOLDER_ORG}/{target.name}'
-        inputs = dict(
-            model_name=model_name, repo_id=repo_id, weights_source=weights_source, training=training,
-            base_model=base_model, datasets=[datasets] if isinstance(datasets, str) else datasets, license=license)
+        inputs = dict(model_name=model_name, repo_id=repo_id, **facts)
         card = _render_folder_card(config, inputs, repo_id).encode('utf-8')
         (staging / CARD_FILE).write_bytes(card)
         config[CARD_INPUTS_KEY] = dict(inputs, card_sha256=_sha256(card))  # what an unedited card hashes to
@@ -167,7 +179,6 @@ def write_hub_folder(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return out_dir
 
 
 def convert_checkpoint(
@@ -200,15 +211,17 @@ def convert_checkpoint(
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     resolve_model_name(model_name)
     check_card_facts(base_model, datasets, license)
-    check_out_dir(out_dir, force, source=checkpoint)
-    ckpt = read_checkpoint(checkpoint, use_ema=use_ema)
-    model = model_from_checkpoint(ckpt, model_name, num_classes=num_classes)
-    source = f'Converted with `timm-densenet-ext convert` from {ckpt.describe()}, `{checkpoint.name}`.'
-    if weights_source:
-        source = f'{weights_source.strip()}\n\n{source}'
-    return write_hub_folder(
-        model, out_dir, model_name=model_name, weights_source=source, repo_id=repo_id, force=force,
-        base_model=base_model, datasets=datasets, license=license)
+    out_dir.absolute().parent.mkdir(parents=True, exist_ok=True)
+    with claim(out_dir):  # held through reading and checking the checkpoint, which takes the longest
+        check_out_dir(out_dir, force, source=checkpoint)
+        ckpt = read_checkpoint(checkpoint, use_ema=use_ema)
+        model = model_from_checkpoint(ckpt, model_name, num_classes=num_classes)
+        source = f'Converted with `timm-densenet-ext convert` from {ckpt.describe()}, `{checkpoint.name}`.'
+        if weights_source:
+            source = f'{weights_source.strip()}\n\n{source}'
+        return write_hub_folder(
+            model, out_dir, model_name=model_name, weights_source=source, repo_id=repo_id, force=force,
+            base_model=base_model, datasets=datasets, license=license)
 
 
 def upload_files(folder: Union[str, Path]) -> List[Tuple[str, int]]:
@@ -360,7 +373,7 @@ def _push_error(e: BaseException, repo_id: str, endpoint: str, step: str) -> Bas
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
     if isinstance(e, OfflineModeIsEnabled):
         return PushError(f'cannot push to {repo_id}: HF_HUB_OFFLINE is set; unset it (or set HF_HUB_OFFLINE=0) to '
-                         f'push, or pass dry_run=True (--dry-run) to see what would be uploaded.')
+                         f'push, or pass {arg("dry_run")} to see what would be uploaded.')
     if isinstance(e, HfHubHTTPError):
         response = e.response
         status = getattr(response, 'status_code', None)
@@ -372,8 +385,8 @@ def _push_error(e: BaseException, repo_id: str, endpoint: str, step: str) -> Bas
                 f'the Hub refused to write to {repo_id} (HTTP {status}{said}); {_LOGIN_HINT} to it.')
         if status == 404:
             return PushError(
-                f'the Hub at {endpoint} answered HTTP 404{said} while {step}; check the ORG/NAME of repo_id '
-                f'(--repo-id), the branch of revision (--revision), and HF_ENDPOINT if set.')
+                f'the Hub at {endpoint} answered HTTP 404{said} while {step}; check {arg("repo_id", "ORG/NAME")}, '
+                f'{arg("revision", "BRANCH")} if given, and HF_ENDPOINT if set.')
         if status is not None and status >= 500:
             return PushError(
                 f'the Hub at {endpoint} failed while {step} (HTTP {status}{said}); the problem is on its side: push '
@@ -413,19 +426,19 @@ def push_folder(
 
     from . import __version__
     if repo_id.count('/') != 1:
-        raise ValueError(f'repo_id={repo_id!r} (--repo-id): give the repository as ORG/NAME (your user name or an '
+        raise ValueError(f'{arg("repo_id", repr(repo_id))}: give the repository as ORG/NAME (your user name or an '
                          f'organisation).')
     validate_repo_id(repo_id)
     folder = Path(folder)
     if not dry_run:
         if constants.HF_HUB_OFFLINE:  # checked here: huggingface_hub would say it only once a request is made
             raise PushError(f'cannot push to {repo_id}: HF_HUB_OFFLINE is set; unset it (or set HF_HUB_OFFLINE=0) to '
-                            f'push, or pass dry_run=True (--dry-run) to see what would be uploaded.')
+                            f'push, or pass {arg("dry_run")} to see what would be uploaded.')
         token = token or get_token()
         if not token:
             raise PermissionError(
                 f'no Hugging Face token to push {folder} with: {_LOGIN_HINT} (https://huggingface.co/settings/tokens);'
-                f' dry_run=True (--dry-run) shows what would be uploaded without one.')
+                f' {arg("dry_run")} shows what would be uploaded without one.')
     config = validate_folder(folder)
     card, card_source = folder_card(folder, repo_id, config=config)
     card_bytes = (folder / CARD_FILE).read_bytes() if card_source == 'folder' else card.encode('utf-8')

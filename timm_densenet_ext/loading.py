@@ -1,7 +1,7 @@
 """A model from its name and where its weights come from: the Hub (`pretrained`), a checkpoint file (`weights`),
 or a hub folder / Hub repository named as the model ('local-dir:DIR', 'hf-hub:ORG/NAME').
 
-`predict`, `finetune` and `export` all load their model here, so `--pretrained`, `--weights` and hub folders mean
+`predict`, `finetune` and `export` all load their model here, so `--pretrained`, `--checkpoint` and hub folders mean
 the same thing in every command.
 """
 from pathlib import Path
@@ -9,6 +9,7 @@ from typing import Optional, Union
 
 import torch.nn as nn
 
+from ._naming import arg
 from .variants import default_cfgs, resolve_model_name
 
 __all__ = ['HUB_PREFIXES', 'load_model', 'model_card_name', 'weights_repo_id']
@@ -51,13 +52,14 @@ def load_model(
 
     from .weights import model_from_checkpoint
     if pretrained and weights is not None:
-        raise ValueError('give either --pretrained (the Hub\'s weights) or --weights PATH (a file), not both.')
+        raise ValueError(f'give either {arg("pretrained")} (the Hub\'s weights) or {arg("weights", "PATH")} (a file), '
+                         f'not both.')
 
     if model_name.startswith(HUB_PREFIXES):
         if weights is not None:
             raise ValueError(
-                f'{model_name} loads its own weights; give --weights with a variant name (densenet121), or leave '
-                f'--weights out.')
+                f'{model_name} loads its own weights; give {arg("weights", "PATH")} with a variant name '
+                f'(densenet121), or leave it out.')
         if model_name.startswith('local-dir:'):
             _check_hub_folder(Path(model_name[len('local-dir:'):]), model_name)
         try:
@@ -74,19 +76,20 @@ def load_model(
     arch, tag = resolve_model_name(model_name)
     if pretrained and not default_cfgs[arch].cfgs[tag].has_weights:
         raise ValueError(
-            f'{model_name}: has no pretrained weights; leave out --pretrained, or give --weights PATH (a checkpoint '
-            f'file). `timm-densenet-ext list` shows which variants have them.')
+            f'{model_name}: has no pretrained weights; leave out {arg("pretrained")}, or give {arg("weights", "PATH")} '
+            f'(a checkpoint file). `timm-densenet-ext list` shows which variants have them.')
     if weights is not None:
         weights = Path(weights)
         if weights.is_dir() and (weights / 'config.json').is_file():
             raise ValueError(
-                f'{weights}: is a hub folder; give it as the model, local-dir:{weights}, instead of --weights.')
+                f'{weights}: is a hub folder; give it as the model, local-dir:{weights}, instead of '
+                f'{arg("weights", "PATH")}.')
         return model_from_checkpoint(weights, model_name)
     if require_weights and not pretrained:
-        hint = ('--pretrained (the Hub\'s weights), ' if default_cfgs[arch].cfgs[tag].has_weights else '')
+        hint = (f'{arg("pretrained")} (the Hub\'s weights), ' if default_cfgs[arch].cfgs[tag].has_weights else '')
         raise ValueError(
-            f'{model_name}: no weights given, so its outputs would be random; pass {hint}--weights PATH (a '
-            f'checkpoint file), or give a hub folder as the model, local-dir:DIR.')
+            f'{model_name}: no weights given, so its outputs would be random; pass {hint}{arg("weights", "PATH")} '
+            f'(a checkpoint file), or give a hub folder as the model, local-dir:DIR.')
     return timm.create_model(model_name, pretrained=pretrained).eval()
 
 
