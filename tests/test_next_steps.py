@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from timm_densenet_ext.demo import MODEL_FOLDER, next_steps
 from hub_fixtures import FakeHub
-from workflow_helpers import TINY_ARCH, TINY_ARGS, write_image_folder
+from workflow_helpers import TINY_ARCH, tiny_hub_folder, write_image_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -90,7 +90,7 @@ def test_the_demo_s_next_steps_run_as_printed(demo_dir):
 
 
 def _convert(tmp_path: Path, extra: str = '') -> subprocess.CompletedProcess:
-    model = timm.create_model(TINY_ARCH, num_classes=3, **TINY_ARGS)
+    model = timm.create_model(TINY_ARCH, num_classes=3)  # the variant as registered: convert checks every tensor
     torch.save(model.state_dict(), tmp_path / 'model_best.pth')
     return _run(f'timm-densenet-ext convert --checkpoint model_best.pth -m {TINY_ARCH} --output converted {extra}',
                 tmp_path)
@@ -125,10 +125,9 @@ def test_convert_s_next_steps_run_as_printed_and_load_the_converted_weights(tmp_
 
 def test_finetune_s_next_steps_run_as_printed(tmp_path, hub):
     write_image_folder(tmp_path / 'data', ['apple', 'banana'], train=4, val=2)
-    model = timm.create_model(TINY_ARCH, num_classes=3, **TINY_ARGS)
-    torch.save(model.state_dict(), tmp_path / 'start.pth')
-    proc = _run(f'timm-densenet-ext finetune -m {TINY_ARCH} --checkpoint start.pth --data-dir data --output '
-                f'tuned --epochs 1 -b 4 --img-size 16 --repo-id me/tuned', tmp_path)
+    tiny_hub_folder(tmp_path / 'start', ['a', 'b', 'c'])
+    proc = _run('timm-densenet-ext finetune -m local-dir:start --data-dir data --output tuned --epochs 1 -b 4 '
+                '--repo-id me/tuned', tmp_path)
     assert proc.returncode == 0, proc.stderr
     steps = _next_steps(proc.stdout)
     assert 'check the upload: timm-densenet-ext push tuned --repo-id me/tuned --dry-run' in steps

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from timm_densenet_ext.cli import main
-from workflow_helpers import TINY_ARCH, TINY_ARGS, tiny_hub_folder, write_image_folder
+from workflow_helpers import TINY_ARCH, tiny_hub_folder, write_image_folder
 
 HOLD = ('import sys, time\n'
         'from timm_densenet_ext._files import claim\n'
@@ -34,7 +34,7 @@ class _Holder:
 
 def _checkpoint(path: Path, seed: int, num_classes: int = 3) -> Path:
     torch.manual_seed(seed)
-    torch.save(timm.create_model(TINY_ARCH, num_classes=num_classes, **TINY_ARGS).state_dict(), path)
+    torch.save(timm.create_model(TINY_ARCH, num_classes=num_classes).state_dict(), path)  # convert reads the variant
     return path
 
 
