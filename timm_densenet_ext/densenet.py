@@ -91,6 +91,29 @@ def _save_convolutions(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Checkpoi
     return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def _batch_norm_eval(
+        x: torch.Tensor,
+        running_mean: torch.Tensor,
+        running_var: torch.Tensor,
+        weight: Optional[torch.Tensor],
+        bias: Optional[torch.Tensor],
+        eps: float,
+) -> torch.Tensor:
+    """Eval-mode batch norm as one multiply-add per element, on `x` as it lies in memory."""
+    scale = torch.rsqrt(running_var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -running_mean * scale
+    if bias is not None:
+        shift = shift + bias
+    return torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1))
+
+
+# one node when fx traces: traced through, the statistics arithmetic (no proxy in it) would run once at trace time
+# and be frozen into the graph as constants
+torch.fx.wrap('_batch_norm_eval')
+
+
 class StridedBatchNormAct2d(BatchNormAct2d):
     """BatchNormAct2d that in eval mode applies its statistics as one multiply-add per element.
 
@@ -101,14 +124,12 @@ class StridedBatchNormAct2d(BatchNormAct2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training and self.running_mean is not None and self.running_var is not None:
-            scale = torch.rsqrt(self.running_var + self.eps)
-            if self.weight is not None:
-                scale = scale * self.weight
-            shift = -self.running_mean * scale
-            if self.bias is not None:
-                shift = shift + self.bias
-            return self.act(self.drop(torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1))))
+        # TorchScript concatenates (no buffer) and takes F.batch_norm: its autodiff of the multiply-add, recorded in a
+        # grad-mode run, fails a later run under torch.inference_mode()
+        if not self.training and self.running_mean is not None and self.running_var is not None \
+                and not torch.jit.is_scripting():
+            return self.act(self.drop(_batch_norm_eval(
+                x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)))
         # BatchNormAct2d.forward (TorchScript compiles no super() call)
         momentum = 0. if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
