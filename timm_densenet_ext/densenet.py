@@ -142,7 +142,7 @@ class StridedBatchNormAct2d(BatchNormAct2d):
             self.running_var if not self.training or self.track_running_stats else None,
             self.weight,
             self.bias,
-            self.training or self.running_mean is None or self.running_var is None,
+            self.training or (self.running_mean is None and self.running_var is None),
             momentum,
             self.eps,
         )
