@@ -1,5 +1,7 @@
 """DistributedDataParallel (gloo, two processes on this machine) gives the same step as one process."""
+import time
 from pathlib import Path
+from typing import Callable, Tuple
 
 import pytest
 import timm
@@ -50,10 +52,39 @@ def _worker(rank: int, store: str, out: str, memory_efficient: bool) -> None:
         dist.destroy_process_group()
 
 
+# a DDP step of the shallow model takes about 10 s with process start-up; a hang fails the test after this
+TIMEOUT_S = 180.
+
+
+def spawn(fn: Callable, args: Tuple, nprocs: int, timeout: float = TIMEOUT_S) -> None:
+    """mp.spawn with a deadline: processes still running after `timeout` seconds are killed and the test fails
+    (a worker's exception is raised as mp.spawn raises it)."""
+    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method='spawn')
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=max(0., deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+                process.join()
+            pytest.fail(f'{nprocs} processes of {fn.__name__} still running after {timeout:.0f} s: killed')
+
+
+def _sleeper(rank: int, seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def test_spawn_fails_a_hang_and_kills_it():
+    start = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match='still running after 1 s'):
+        spawn(_sleeper, args=(600.,), nprocs=2, timeout=1.)
+    assert time.monotonic() - start < 60
+
+
 @pytest.mark.parametrize('memory_efficient', [False, True], ids=['plain', 'checkpointed'])
 def test_ddp_step_equals_one_process_over_the_same_micro_batches(tmp_path: Path, memory_efficient: bool):
     out = tmp_path / 'ddp.pth'
-    mp.spawn(_worker, args=(str(tmp_path / 'store'), str(out), memory_efficient), nprocs=WORLD, join=True)
+    spawn(_worker, args=(str(tmp_path / 'store'), str(out), memory_efficient), nprocs=WORLD)
     ddp = torch.load(out)
 
     model = _model(memory_efficient)

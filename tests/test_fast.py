@@ -14,6 +14,7 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+from timm.layers import BatchNormAct2d, freeze_batch_norm_2d
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -70,14 +71,39 @@ class OpCounter(TorchDispatchMode):
 
 @pytest.mark.parametrize('name, kwargs', CASES)
 def test_buffered_inference_matches_autograd_path(name, kwargs):
-    """Without autograd a block writes into one buffer; with it, it concatenates. Same numbers either way."""
+    """Without autograd a block writes into one buffer; with it, it concatenates. The same bits either way, and the
+    numbers of timm's DenseNet's computation (`plain`: torch's batch norm on concatenated features)."""
     model = _model(name, **kwargs)
     x = torch.randn(2, 3, _size(name), _size(name))
     with torch.no_grad():
         fast = model(x)
     slow = model(x)  # parameters require grad: the concatenating path
     assert slow.requires_grad and not fast.requires_grad
-    assert _rel(fast, slow.detach()) <= 1e-5
+    assert torch.equal(fast, slow.detach())
+    plain = copy.deepcopy(model)
+    for layer in plain.modules():
+        if isinstance(layer, DenseLayer):  # timm's BatchNormAct2d: F.batch_norm, the same weights and statistics
+            for key in ('norm1', 'norm2'):
+                norm = getattr(layer, key)
+                norm.__class__ = BatchNormAct2d
+    with torch.no_grad():
+        assert _rel(fast, plain(x)) <= 1e-5
+
+
+@pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
+def test_buffered_path_only_where_it_is_exact(train):
+    """The buffer is used without autograd and with per-element norms only (BatchNorm in eval, frozen BatchNorm);
+    batch statistics over a strided channel slice would be reduced in another order than over the concatenation."""
+    model = _model('densenet121', block_config=(2, 2, 2, 2)).train(train)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), OpCounter() as c:
+        model(x)
+    assert (c.counts.get('cat', 0) == 0) != train
+    frozen = freeze_batch_norm_2d(copy.deepcopy(model)).train(train)
+    with torch.no_grad(), OpCounter() as c:
+        fast = frozen(x)
+    assert c.counts.get('cat', 0) == 0
+    assert torch.equal(fast, frozen(x).detach())
 
 
 def test_buffered_path_avoids_concatenation():

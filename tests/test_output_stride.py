@@ -1,4 +1,6 @@
 """output_stride (dilation instead of downsampling) and feature_taps ('raw' or 'norm'), on shallow models."""
+import copy
+
 import pytest
 import timm
 import torch
@@ -87,8 +89,19 @@ def test_torchscript_and_fx_at_output_stride_8(train):
     out = traced(x)
     torch.testing.assert_close(out['logits'], expected)
     assert out['tap'].shape[-1] == 64 // 8
-    if train:
-        scripted(x).sum().backward()
+    if train:  # the gradients of scripted and eager copies of the same weights
+        eager = copy.deepcopy(model)
+        scripted = torch.jit.script(copy.deepcopy(model))
+        grads = []
+        for net in (eager, scripted):
+            net(x).logsumexp(1).sum().backward()
+            grads.append({n: p.grad for n, p in net.named_parameters()})
+        assert sorted(grads[0]) == sorted(grads[1]) and len(grads[0]) > 0
+        # relative to the largest gradient: a BatchNorm scale's gradient in training is a small difference of large
+        # terms, which float32 gets to about 1e-3 of itself whichever way it is computed
+        scale = max(g.abs().max().item() for g in grads[0].values())
+        for n, g in grads[0].items():
+            torch.testing.assert_close(grads[1][n], g, rtol=0, atol=1e-5 * scale, msg=n)
 
 
 def test_memory_efficient_gradients_with_dilation():

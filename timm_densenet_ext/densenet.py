@@ -9,18 +9,25 @@ Module and parameter names follow torchvision's and timm's DenseNet, so their ch
 No variant is named here: `variants.py` states them.
 """
 import contextlib
+import functools
 from collections import OrderedDict
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Type, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
-from timm.layers import BatchNormAct2d, BlurPool2d, create_classifier, get_norm_act_layer
+from timm.layers import BatchNormAct2d, BlurPool2d, FrozenBatchNormAct2d, create_classifier, get_norm_act_layer
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import MATCH_PREV_GROUP
 
-__all__ = ['DenseLayer', 'DenseBlock', 'DenseTransition', 'AtrousAvgPool2d', 'DenseNet', 'STEM_TYPES', 'FEATURE_TAPS']
+try:  # True under fx's symbolic tracing only, not under torch.compile or torch.export
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing as _symbolic_tracing
+except ImportError:  # pragma: no cover - older torch
+    from torch.fx._symbolic_trace import is_fx_tracing as _symbolic_tracing
+
+__all__ = ['DenseLayer', 'DenseBlock', 'DenseTransition', 'AtrousAvgPool2d', 'DenseNet', 'StridedBatchNormAct2d',
+           'STEM_TYPES', 'FEATURE_TAPS']
 
 STEM_TYPES = ('', 'deep', 'deep_tiered', 'deep_tiered_narrow', 'cifar')
 FEATURE_TAPS = ('raw', 'norm')
@@ -84,21 +91,78 @@ def _save_convolutions(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Checkpoi
     return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _norm_act_eval(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`norm(x)` for a BatchNormAct2d in eval mode as one multiply-add and an in-place activation.
+def _batch_norm_eval(
+        x: torch.Tensor,
+        running_mean: torch.Tensor,
+        running_var: torch.Tensor,
+        weight: Optional[torch.Tensor],
+        bias: Optional[torch.Tensor],
+        eps: float,
+) -> torch.Tensor:
+    """Eval-mode batch norm as one multiply-add per element, on `x` as it lies in memory."""
+    scale = torch.rsqrt(running_var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -running_mean * scale
+    if bias is not None:
+        shift = shift + bias
+    return torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1))
 
-    F.batch_norm copies a strided input (a channel slice of a block's buffer) before normalising it; this does not.
+
+# one node when fx traces: traced through, the statistics arithmetic (no proxy in it) would run once at trace time
+# and be frozen into the graph as constants
+torch.fx.wrap('_batch_norm_eval')
+
+
+class StridedBatchNormAct2d(BatchNormAct2d):
+    """BatchNormAct2d that in eval mode applies its statistics as one multiply-add per element.
+
+    F.batch_norm copies a strided input (a channel slice of a dense block's buffer) before normalising it, and
+    normalises strided and contiguous tensors in different kernels. This reads the slice where it lies and gives the
+    same bits either way, so that a block's buffered and concatenating paths agree exactly (`DenseBlock.buffered`).
+    Parameters, buffers and training-mode behaviour are BatchNormAct2d's.
     """
-    if isinstance(norm, BatchNormAct2d) and not norm.training and norm.running_mean is not None \
-            and isinstance(norm.drop, nn.Identity):
-        scale = torch.rsqrt(norm.running_var + norm.eps)
-        if norm.weight is not None:
-            scale = scale * norm.weight
-        shift = -norm.running_mean * scale
-        if norm.bias is not None:
-            shift = shift + norm.bias
-        return norm.act(torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1)))
-    return norm(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # TorchScript concatenates (no buffer) and takes F.batch_norm: its autodiff of the multiply-add, recorded in a
+        # grad-mode run, fails a later run under torch.inference_mode()
+        if not self.training and self.running_mean is not None and self.running_var is not None \
+                and not torch.jit.is_scripting():
+            return self.act(self.drop(_batch_norm_eval(
+                x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)))
+        # BatchNormAct2d.forward (TorchScript compiles no super() call)
+        momentum = 0. if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1. / float(self.num_batches_tracked)
+        x = F.batch_norm(
+            x,
+            self.running_mean if not self.training or self.track_running_stats else None,
+            self.running_var if not self.training or self.track_running_stats else None,
+            self.weight,
+            self.bias,
+            self.training or (self.running_mean is None and self.running_var is None),
+            momentum,
+            self.eps,
+        )
+        return self.act(self.drop(x))
+
+
+def _strided(norm_layer: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """`norm_layer` with StridedBatchNormAct2d for BatchNormAct2d (any other norm as it is)."""
+    if isinstance(norm_layer, functools.partial) and norm_layer.func is BatchNormAct2d:
+        return functools.partial(StridedBatchNormAct2d, *norm_layer.args, **norm_layer.keywords)
+    return StridedBatchNormAct2d if norm_layer is BatchNormAct2d else norm_layer
+
+
+def _elementwise_norm(norm: nn.Module) -> bool:
+    """Whether `norm` treats each element on its own, giving the same bits on a strided channel slice as on a
+    contiguous copy. Batch statistics (a BatchNorm in training) reduce over a slice in another order."""
+    if isinstance(norm, FrozenBatchNormAct2d):
+        return isinstance(norm.drop, nn.Identity)
+    return isinstance(norm, StridedBatchNormAct2d) and not norm.training \
+        and norm.running_mean is not None and norm.running_var is not None
 
 
 def _efficient_norm(norm: nn.Module) -> bool:
@@ -167,6 +231,7 @@ class DenseLayer(nn.Module):
     ) -> None:
         dd = _factory_kwargs(device, dtype)
         super().__init__()
+        norm_layer = _strided(norm_layer)  # BatchNormAct2d reads a channel slice of the block's buffer in place
         self.norm1 = norm_layer(num_input_features, **dd)
         self.conv1 = nn.Conv2d(num_input_features, bn_size * growth_rate, 1, bias=False, **dd)
         self.norm2 = norm_layer(bn_size * growth_rate, **dd)
@@ -211,16 +276,19 @@ class DenseLayer(nn.Module):
     @torch.jit.unused
     def forward_inference(self, x: torch.Tensor) -> torch.Tensor:
         """The layer on the concatenated features, without autograd (`x` may be a channel slice of a buffer)."""
-        x = self.conv1(_norm_act_eval(self.norm1, x))
-        x = self.conv2(_norm_act_eval(self.norm2, x))
+        x = self.conv1(self.norm1(x))
+        x = self.conv2(self.norm2(x))
         if self.drop_rate > 0.:
             x = F.dropout(x, p=self.drop_rate, training=self.training)
         return x
 
     def forward(self, features: List[torch.Tensor]) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
-            return self.checkpointed_layer(features)
-        return self.layer(features)
+        if torch.jit.is_scripting():
+            return self.layer(features)
+        else:  # fx traces the plain layer: checkpointing is an autograd matter, invisible in a graph
+            if self.grad_checkpointing and torch.is_grad_enabled() and not _symbolic_tracing():
+                return self.checkpointed_layer(features)
+            return self.layer(features)
 
 
 @contextlib.contextmanager
@@ -263,20 +331,23 @@ class DenseBlock(nn.ModuleDict):
             ))
 
     @torch.jit.unused
-    def needs_autograd(self, x: Any) -> bool:
-        """Whether autograd records this block's forward (fx proxies are not tensors and do not count)."""
-        if not torch.is_grad_enabled():
+    def buffered(self, x: Any) -> bool:
+        """Whether `forward_into_buffer` computes this forward: autograd records nothing, fx is not tracing (a traced
+        graph serves every grad mode), and every norm is per element, so the result has the same bits as the
+        concatenating path's."""
+        if _symbolic_tracing():
             return False
-        if isinstance(x, torch.Tensor) and x.requires_grad:
-            return True
-        return any(p.requires_grad for p in self.parameters())
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False
+        return all(_elementwise_norm(layer.norm1) and _elementwise_norm(layer.norm2) for layer in self.values())
 
     @torch.jit.unused
     def forward_into_buffer(self, x: torch.Tensor) -> torch.Tensor:
         """Write the input and each layer's output into one preallocated tensor (no concatenation copies).
 
         Each layer reads a channel slice of the buffer, so the work is linear in depth where concatenating anew
-        in every layer is quadratic. Without autograd only: later writes would change what backward needs.
+        in every layer is quadratic. Without autograd only (later writes would change what backward needs), and
+        with per-element norms only (see `buffered`).
         """
         n, c, h, w = x.shape
         fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
@@ -290,7 +361,7 @@ class DenseBlock(nn.ModuleDict):
         return buf
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and not self.needs_autograd(x):
+        if not torch.jit.is_scripting() and self.buffered(x):
             return self.forward_into_buffer(x)
         features = [x]
         for layer in self.values():

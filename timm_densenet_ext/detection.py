@@ -1,8 +1,9 @@
 """DenseNet backbones for torchvision's detectors (FasterRCNN, MaskRCNN, RetinaNet, FCOS, KeypointRCNN).
 
 `fpn_backbone` is modelled on torchvision's `resnet_fpn_backbone`: timm's `features_only` feature getter over a
-DenseNet, torchvision's `FeaturePyramidNetwork` on top, and the stem and early stages frozen, BatchNorm statistics
-included. Outputs are named '0', '1', ... (then 'pool', or 'p6' and 'p7'), as torchvision's heads expect.
+DenseNet, torchvision's `FeaturePyramidNetwork` on top, and, with pretrained weights, the stem and early stages
+frozen, BatchNorm statistics included. Outputs are named '0', '1', ... (then 'pool', or 'p6' and 'p7'), as
+torchvision's heads expect.
 """
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
@@ -77,16 +78,20 @@ def _is_frozen_norm(norm_layer: Any) -> bool:
 def fpn_backbone(
         model_name: str,
         pretrained: bool = False,
-        trainable_stages: int = 3,
+        trainable_stages: Optional[int] = None,
         returned_stages: Sequence[int] = (1, 2, 3, 4),
         output_stride: int = 32,
-        norm_layer: Optional[Union[str, Callable[..., nn.Module]]] = FrozenBatchNorm2d,
+        norm_layer: Optional[Union[str, Callable[..., nn.Module]]] = None,
         extra_blocks: Optional[ExtraFPNBlock] = None,
         out_channels: int = 256,
         feature_taps: str = 'norm',
         **kwargs: Any,
 ) -> DenseNetFPN:
     """A DenseNet with a feature pyramid, for torchvision's detection models (like `resnet_fpn_backbone`).
+
+    Defaults follow torchvision's detectors (`fasterrcnn_resnet50_fpn`): with pretrained weights every BatchNorm is
+    frozen and the top 3 stages train; from scratch every BatchNorm and every stage trains (frozen norms would be
+    identities with random statistics, and training diverges).
 
     Args:
         model_name: A DenseNet registered by this package (`densenet121`, `tv_densenet121`, ...), or
@@ -95,18 +100,22 @@ def fpn_backbone(
         trainable_stages: How many stages, counted from the top, train: 0 freezes the whole DenseNet; one more than
             the number of dense blocks (5 for ImageNet variants) trains the stem too. As torchvision's
             `trainable_layers`. Frozen modules keep their parameters and BatchNorm statistics, also in train mode.
+            None: 3 with pretrained weights, all stages without.
         returned_stages: Dense blocks (1 = the first) whose features feed the pyramid.
         output_stride: 32, 16 or 8; below 32 the last stages dilate instead of downsampling.
-        norm_layer: FrozenBatchNorm2d (torchvision's, which timm uses too; the default) freezes every BatchNorm, as
-            torchvision does; nn.BatchNorm2d (or another norm) keeps the trainable stages' norms trainable.
+        norm_layer: FrozenBatchNorm2d (torchvision's, which timm uses too) freezes every BatchNorm, as torchvision
+            does for pretrained backbones; nn.BatchNorm2d (or another norm) keeps the trainable stages' norms
+            training. None: FrozenBatchNorm2d with pretrained weights, nn.BatchNorm2d without.
         extra_blocks: Extra pyramid levels (torchvision's `LastLevelMaxPool`, the default, or `LastLevelP6P7`).
         out_channels: Channels of every pyramid level.
         feature_taps: 'norm' (after each block's following BN-ReLU) or 'raw' (the block outputs, as timm's
             DenseNet); see the README's detection section for what each does to training.
         **kwargs: Passed to `timm.create_model` (e.g. `memory_efficient=True`, `pretrained_cfg_overlay`).
     """
+    if norm_layer is None:
+        norm_layer = FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
     frozen_norms = _is_frozen_norm(norm_layer)
-    if norm_layer is not None and not frozen_norms:
+    if not frozen_norms:
         kwargs['norm_layer'] = norm_layer
     returned_stages = [int(i) for i in returned_stages]
     try:
@@ -124,6 +133,8 @@ def fpn_backbone(
     if not returned_stages or any(not 1 <= i <= n_blocks for i in returned_stages):
         raise ValueError(f'returned_stages must name dense blocks 1 to {n_blocks} of {model_name}, '
                          f'got {tuple(returned_stages)}.')
+    if trainable_stages is None:
+        trainable_stages = min(3, n_blocks + 1) if pretrained else n_blocks + 1
     if not 0 <= trainable_stages <= n_blocks + 1:
         raise ValueError(f'trainable_stages must be 0 to {n_blocks + 1} for {model_name} (the stem and '
                          f'{n_blocks} stages), got {trainable_stages}.')

@@ -3,6 +3,7 @@
 The one place that names variants. Importing it registers them with timm, replacing timm's own entries of the
 same names.
 """
+import inspect
 from typing import Any, Dict, Optional, Tuple
 
 from huggingface_hub import constants
@@ -21,6 +22,7 @@ __all__ = ['default_cfgs', 'resolve_model_name', 'CIFAR100_MEAN', 'CIFAR100_STD'
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
+_DEFAULT_BLOCK_CONFIG = inspect.signature(DenseNet).parameters['block_config'].default
 _PAPER = dict(paper_name='Densely Connected Convolutional Networks', paper_ids='arXiv:1608.06993')
 
 
@@ -87,7 +89,11 @@ def resolve_model_name(model_name: str) -> Tuple[str, str]:
 
 
 def _create_densenet(variant: str, pretrained: bool = False, **kwargs) -> DenseNet:
-    feature_cfg = dict(flatten_sequential=True, **kwargs.pop('feature_cfg', None) or {})
+    # every tap by default: the stem, each block before its transition, the final norm (4 for the CIFAR variants'
+    # three blocks, where timm's default of five would not exist)
+    num_taps = len(kwargs.get('block_config', _DEFAULT_BLOCK_CONFIG)) + 1
+    feature_cfg = dict(flatten_sequential=True, out_indices=tuple(range(num_taps)))
+    feature_cfg.update(kwargs.pop('feature_cfg', None) or {})
     if kwargs.get('features_only') and kwargs.get('feature_taps') == 'norm':
         # the normalised taps are inside the transitions, where timm's FeatureListNet and FeatureDictNet cannot reach
         feature_cls = kwargs.setdefault('feature_cls', 'getter')
