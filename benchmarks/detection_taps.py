@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from PIL import Image, ImageDraw
 from torchvision.models.detection import FasterRCNN
-from torchvision.ops import box_iou
+from torchvision.ops import FrozenBatchNorm2d, box_iou
 from torchvision.transforms.functional import pil_to_tensor
 
 from timm_densenet_ext.detection import fpn_backbone
@@ -124,7 +124,7 @@ def run(setting: str, taps: str, args: argparse.Namespace, train, val) -> Dict[s
         probe = fpn_backbone(args.model, feature_taps=taps, norm_layer=nn.BatchNorm2d, trainable_stages=5)
         calibrate_batchnorm(probe.body, [img for img, _ in train[:64]])
         torch.manual_seed(args.seed)
-        backbone = fpn_backbone(args.model, feature_taps=taps, trainable_stages=3)
+        backbone = fpn_backbone(args.model, feature_taps=taps, norm_layer=FrozenBatchNorm2d, trainable_stages=3)
         missing = backbone.body.load_state_dict(probe.body.state_dict(), strict=False)
         assert not missing.missing_keys, missing
     spread = tap_scale_spread(backbone, [img for img, _ in train], train=setting == 'scratch')
