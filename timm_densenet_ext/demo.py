@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Optional, Tuple, Union
 
 from .finetune import FinetuneResult, evaluate, finetune
+from .images import image_loader
 
 __all__ = ['DEMO_MODEL', 'MODEL_FOLDER', 'DEMO_RECIPE', 'DemoResult', 'write_digits_folder', 'run_demo']
 
@@ -107,7 +108,8 @@ def run_demo(
     reloaded = timm.create_model(f'local-dir:{model_dir}', pretrained=True)
     data_config = timm.data.resolve_data_config(model=reloaded)
     from torchvision.datasets import ImageFolder
-    val_set = ImageFolder(str(data_dir / 'val'), transform=timm.data.create_transform(**data_config))
+    val_set = ImageFolder(str(data_dir / 'val'), transform=timm.data.create_transform(**data_config),
+                          loader=image_loader)
     correct, total = evaluate(reloaded, val_set, progress=progress)
     seconds = time.perf_counter() - started
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from .hub import check_out_dir, write_hub_folder
+from .images import image_loader
 from .loading import HUB_PREFIXES, load_model, model_card_name
 from .variants import default_cfgs, resolve_model_name
 
@@ -117,7 +118,7 @@ def _datasets(train_dir: Path, val_dir: Path, model: nn.Module, recipe: Recipe):
     datasets = []
     for folder, transform in ((train_dir, train_tf), (val_dir, val_tf)):
         try:
-            datasets.append(ImageFolder(str(folder), transform=transform))
+            datasets.append(ImageFolder(str(folder), transform=transform, loader=image_loader))
         except FileNotFoundError as e:  # a class folder without a single image file
             raise FileNotFoundError(f'{folder}: {str(e).split(". ")[0]}; put images in every class folder.') from None
     return datasets[0], datasets[1], data_config
