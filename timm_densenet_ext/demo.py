@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Tuple, Union
 
-from .finetune import FinetuneResult, evaluate, finetune
-from .images import image_loader
+from .finetune import FinetuneResult, evaluate, finetune, image_dataset
 
 __all__ = ['DEMO_MODEL', 'MODEL_FOLDER', 'DEMO_RECIPE', 'DemoResult', 'write_digits_folder', 'run_demo']
 
@@ -74,12 +73,14 @@ def run_demo(
         force: bool = False,
         progress: Optional[bool] = None,
         log: Callable[[str], None] = print,
+        threads: Optional[int] = None,
         **recipe,
 ) -> DemoResult:
     """Run the demo into `out_dir`: data/ (the digits as an image folder) and densenet_bc_100_k12.digits/ (the hub folder).
 
     Existing data/ or densenet_bc_100_k12.digits/ folders in `out_dir` are replaced only with `force`; nothing else there is touched.
-    `recipe` overrides `DEMO_RECIPE` (fewer epochs for a quick check). Returns a `DemoResult`.
+    `recipe` overrides `DEMO_RECIPE` (fewer epochs for a quick check). `threads`: CPU threads for torch (default:
+    `finetune.choose_threads`, one for these 8 px images). Returns a `DemoResult`.
     """
     import timm
     import timm_densenet_ext  # noqa: F401  (registers the variants, for 'local-dir:' folders naming them)
@@ -98,7 +99,7 @@ def run_demo(
 
     result = finetune(
         DEMO_MODEL, data_dir, model_dir, force=force, progress=progress, log=log,
-        data_name='scikit-learn digits',
+        threads=threads, data_name='scikit-learn digits',
         data_description=(
             "scikit-learn's handwritten digits (`sklearn.datasets.load_digits`: 1,797 8x8 grey images of the "
             'digits 0-9 from the UCI repository), written as an image folder with a stratified 80/20 split, seed 0'),
@@ -107,10 +108,8 @@ def run_demo(
     # the hub folder, loaded back the way anyone would load it, and measured again on the same images
     reloaded = timm.create_model(f'local-dir:{model_dir}', pretrained=True)
     data_config = timm.data.resolve_data_config(model=reloaded)
-    from torchvision.datasets import ImageFolder
-    val_set = ImageFolder(str(data_dir / 'val'), transform=timm.data.create_transform(**data_config),
-                          loader=image_loader)
-    correct, total = evaluate(reloaded, val_set, progress=progress)
+    val_set = image_dataset(data_dir / 'val', timm.data.create_transform(**data_config))
+    correct, total = evaluate(reloaded, val_set, progress=progress, threads=threads)
     seconds = time.perf_counter() - started
 
     log(f"reloaded timm.create_model('local-dir:{model_dir}', pretrained=True): validation accuracy "
