@@ -16,8 +16,9 @@ the EXIF orientation. The rules here:
   values are refused. A float image on the 0..255 scale whose values all stay within 0..1 (nearly black) is
   therefore read as 0..1: save such pictures as 8-bit.
 - Alpha (LA, La, RGBA, RGBa, PA, P or L or RGB with a transparent colour): composited on white, as a browser or a
-  page shows a transparent picture (and as Hugging Face's `convert_to_rgb` does); dropping alpha instead would show
-  the arbitrary colour stored under transparent pixels. A fully opaque alpha gives exactly the RGB picture.
+  page shows a transparent picture (and as the `convert_to_rgb` of Hugging Face's Idefics image processors does);
+  dropping alpha instead would show the arbitrary colour stored under transparent pixels. A fully opaque alpha
+  gives exactly the RGB picture.
 - Any other mode is refused, naming the mode.
 """
 from pathlib import Path
@@ -48,8 +49,10 @@ def read_image(path: Union[str, Path]) -> Image.Image:
         with path.open('rb') as file, Image.open(file) as image:
             samples = _sample_format(image)
             image.load()
-            image = ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)
             return _to_rgb(image, path, samples)
+    except UnreadableImage:
+        raise
     except FileNotFoundError:
         raise UnreadableImage(f'{path}: no such file; check the path.') from None
     except IsADirectoryError:
@@ -57,7 +60,7 @@ def read_image(path: Union[str, Path]) -> Image.Image:
     except UnidentifiedImageError:
         raise UnreadableImage(
             f'{path}: not an image file PIL can read (JPEG, PNG, ...); check that it is an image.') from None
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         raise UnreadableImage(
             f'{path}: cannot read it as an image ({e}); check that the file is complete.') from None
 
