@@ -228,7 +228,7 @@ def test_threads_are_chosen_for_the_work(monkeypatch):
     from timm_densenet_ext.finetune import choose_threads
     monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
     monkeypatch.setattr(torch, 'get_num_threads', lambda: 8)
-    monkeypatch.setattr(finetune_module.os, 'cpu_count', lambda: 8)
+    monkeypatch.setattr(finetune_module, '_cpus', lambda: 8)
     monkeypatch.setattr(finetune_module.os, 'getloadavg', lambda: (0.1, 0.1, 0.1))
     demo = (32, (3, 8, 8), 342)  # the demo: batch 32 of 8 x 8 digits, DenseNet-BC-100 k=12 (342 features)
     assert choose_threads(*demo) == 1

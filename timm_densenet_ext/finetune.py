@@ -151,7 +151,15 @@ def choose_threads(batch_size: int, input_size: Sequence[int], width: int, threa
         busy = os.getloadavg()[0]
     except (AttributeError, OSError):  # no load average on this platform
         busy = 0.0
-    return max(1, min(available, round((os.cpu_count() or available) - busy)))
+    return max(1, min(available, round(_cpus() - busy)))
+
+
+def _cpus() -> int:
+    """The CPUs this process may run on (its affinity, as `taskset` or a container sets it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _restores_threads(fn: Callable) -> Callable:
