@@ -3,7 +3,6 @@ rotated with an EXIF orientation tag) gets the same probabilities from `predict`
 same weights. The picture is a real one: a handwritten digit of scikit-learn's, upscaled."""
 import itertools
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
