@@ -12,15 +12,20 @@ from timm_densenet_ext import demo
 from timm_densenet_ext.cli import main
 from timm_densenet_ext.hub import upload_files
 
+READ_IMAGES = []  # every image file the demo run read, in order
+
 
 @pytest.fixture(scope='module')
 def demo_run(tmp_path_factory):
     """The demo from the command line, as the README runs it, for one epoch of the recipe's eight."""
     import contextlib
     import io
+    from timm_densenet_ext import images
     out = tmp_path_factory.mktemp('demo') / 'densenet-demo'
     stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
+    read = READ_IMAGES
+    with contextlib.redirect_stdout(stdout), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(images, 'read_image', lambda path, _read=images.read_image: read.append(str(path)) or _read(path))
         code = main(['demo', '--out', str(out), '--epochs', '1'])
     assert code == 0
     return out, stdout.getvalue()
@@ -38,6 +43,20 @@ def test_writes_the_digits_as_an_image_folder_split_by_class(demo_run):
         assert counts['val'][str(digit)] in (int(n * 0.2), int(n * 0.2) + 1)
     assert f'wrote 1437 training and 360 validation images of scikit-learn\'s handwritten digits to {out / "data"}' \
         in printed
+
+
+def test_every_image_is_read_by_the_one_image_reader(demo_run):
+    """Training, validation and the reloaded model's validation all read images with `images.read_image`."""
+    out, _ = demo_run
+    train = sorted(str(p) for p in (out / 'data' / 'train').rglob('*.png'))
+    val = sorted(str(p) for p in (out / 'data' / 'val').rglob('*.png'))
+    read_train = [p for p in READ_IMAGES if '/data/train/' in p]
+    read_val = sorted(p for p in READ_IMAGES if '/data/val/' in p)
+    assert len(READ_IMAGES) == len(read_train) + len(read_val)
+    # one epoch of full batches (the last, partial one is dropped), each image once
+    assert len(read_train) == len(set(read_train)) == len(train) // demo.DEMO_RECIPE['batch_size'] * \
+        demo.DEMO_RECIPE['batch_size'] and set(read_train) <= set(train)
+    assert read_val == sorted(val + val)  # validated by finetune, then by the reloaded model
 
 
 def test_the_reloaded_hub_folder_measures_what_training_measured(demo_run):

@@ -222,3 +222,45 @@ def test_an_existing_out_folder_is_kept_without_force(data, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
     assert main(['finetune', '--out', str(out)]) == 2
     assert 'give --model and --data' in capsys.readouterr().err
+
+
+def test_threads_are_chosen_for_the_work(monkeypatch):
+    from timm_densenet_ext.finetune import choose_threads
+    monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+    monkeypatch.setattr(torch, 'get_num_threads', lambda: 8)
+    monkeypatch.setattr(finetune_module, '_cpus', lambda: 8)
+    monkeypatch.setattr(finetune_module.os, 'getloadavg', lambda: (0.1, 0.1, 0.1))
+    demo = (32, (3, 8, 8), 342)  # the demo: batch 32 of 8 x 8 digits, DenseNet-BC-100 k=12 (342 features)
+    assert choose_threads(*demo) == 1
+    assert choose_threads(*demo, threads=3) == 3  # an explicit choice wins
+    assert choose_threads(32, (3, 224, 224), 1024) == 8  # densenet121 at 224 px: every core
+    monkeypatch.setattr(finetune_module.os, 'getloadavg', lambda: (5.2, 5.0, 4.0))
+    assert choose_threads(32, (3, 224, 224), 1024) == 3  # beside five busy processes: the cores they leave
+    monkeypatch.setattr(finetune_module.os, 'getloadavg', lambda: (9.0, 9.0, 9.0))
+    assert choose_threads(32, (3, 224, 224), 1024) == 1
+    monkeypatch.setenv('OMP_NUM_THREADS', '4')
+    assert choose_threads(*demo) == 8  # OMP_NUM_THREADS set: torch's own count, which it read from there
+    with pytest.raises(ValueError, match='threads=0: give 1 or more'):
+        choose_threads(*demo, threads=0)
+
+
+def test_finetune_trains_small_images_on_one_thread_and_restores_torch_s_count(data, tmp_path, monkeypatch):
+    monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+    seen = []
+
+    def spying_evaluate(*args, **kwargs):
+        seen.append(torch.get_num_threads())  # as training left it
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(finetune_module, 'evaluate', spying_evaluate)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        finetune(f'local-dir:{data.base}', data.images, tmp_path / 'out', epochs=1, batch_size=12, progress=False,
+                 log=lambda line: None)
+        assert seen == [1] and torch.get_num_threads() == 2
+        finetune(f'local-dir:{data.base}', data.images, tmp_path / 'out', epochs=1, batch_size=12, progress=False,
+                 log=lambda line: None, threads=2, force=True)
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

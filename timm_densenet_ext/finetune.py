@@ -11,6 +11,7 @@ out); `resume=True` continues from it, and the finished hub folder replaces it.
 """
 import copy
 import dataclasses
+import functools
 import os
 import random
 import time
@@ -22,13 +23,18 @@ import torch
 import torch.nn as nn
 
 from .hub import check_out_dir, write_hub_folder
+from .images import image_loader
 from .loading import HUB_PREFIXES, load_model, model_card_name
 from .variants import default_cfgs, resolve_model_name
 
-__all__ = ['Recipe', 'FinetuneResult', 'STATE_FILE', 'image_folders', 'finetune', 'evaluate']
+__all__ = ['Recipe', 'FinetuneResult', 'STATE_FILE', 'image_folders', 'image_dataset', 'choose_threads', 'finetune',
+           'evaluate']
 
 STATE_FILE = '.finetune-state.pth'
 _STATE_FORMAT = 'timm-densenet-ext finetune state 1'
+# batch x height x width x the model's feature width below which one thread is fastest: each operator is too short to
+# split (the demo's 32 x 8 x 8 x 342 = 0.7M; densenet121 at 64 px, batch 16: 67M)
+_SERIAL_WORK = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -108,31 +114,88 @@ def image_folders(data_dir: Union[str, Path]) -> Tuple[Path, Path, List[str]]:
 
 def _datasets(train_dir: Path, val_dir: Path, model: nn.Module, recipe: Recipe):
     import timm
-    from torchvision.datasets import ImageFolder
     overrides = {'input_size': (3, recipe.img_size, recipe.img_size)} if recipe.img_size else {}
     data_config = timm.data.resolve_data_config(overrides, model=model)
     train_tf = timm.data.create_transform(
         **data_config, is_training=True, hflip=recipe.hflip, scale=recipe.scale, color_jitter=recipe.color_jitter)
     val_tf = timm.data.create_transform(**data_config)
-    datasets = []
-    for folder, transform in ((train_dir, train_tf), (val_dir, val_tf)):
+    return image_dataset(train_dir, train_tf), image_dataset(val_dir, val_tf), data_config
+
+
+def image_dataset(folder: Union[str, Path], transform: Optional[Callable] = None):
+    """torchvision's `ImageFolder` of `folder` (one sub-folder per class), its images read by `images.read_image`
+    (any PIL mode, EXIF orientation; an image without a meaningful RGB reading raises a one-line ValueError)."""
+    from torchvision.datasets import ImageFolder
+    try:
+        return ImageFolder(str(folder), transform=transform, loader=image_loader)
+    except FileNotFoundError as e:  # a class folder without a single image file
+        raise FileNotFoundError(f'{folder}: {str(e).split(". ")[0]}; put images in every class folder.') from None
+
+
+def choose_threads(batch_size: int, input_size: Sequence[int], width: int, threads: Optional[int] = None) -> int:
+    """How many CPU threads torch should use for a model `width` features wide on batches of `batch_size` images
+    of `input_size` (C, H, W): `threads` if given; torch's own count when OMP_NUM_THREADS sets it; one when
+    batch x H x W x width is below 2^24 (the demo's is 0.7M), where each operator is too short to split, so a second
+    thread only waits, and beside a busy process waits for the core it shares (the demo took 956 s with two threads
+    and 29 s with one); else torch's count less the cores other processes keep busy (the 1-minute load average)."""
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f'threads={threads}: give 1 or more.')
+        return threads
+    available = torch.get_num_threads()
+    if os.environ.get('OMP_NUM_THREADS'):
+        return available
+    if batch_size * input_size[-2] * input_size[-1] * max(width, 1) < _SERIAL_WORK:
+        return 1
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average on this platform
+        busy = 0.0
+    return max(1, min(available, round(_cpus() - busy)))
+
+
+def _cpus() -> int:
+    """The CPUs this process may run on (its affinity, as `taskset` or a container sets it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _restores_threads(fn: Callable) -> Callable:
+    """Run `fn` and put torch's thread count back as it was, whatever `fn` sets it to."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        previous = torch.get_num_threads()
         try:
-            datasets.append(ImageFolder(str(folder), transform=transform))
-        except FileNotFoundError as e:  # a class folder without a single image file
-            raise FileNotFoundError(f'{folder}: {str(e).split(". ")[0]}; put images in every class folder.') from None
-    return datasets[0], datasets[1], data_config
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(previous)
+    return wrapper
 
 
-def evaluate(model: nn.Module, dataset, batch_size: int = 64, progress: Optional[bool] = None) -> Tuple[int, int]:
-    """(correct, total) top-1 predictions of `model` (put in eval mode) over a labelled dataset."""
+@_restores_threads
+def evaluate(
+        model: nn.Module, dataset, batch_size: int = 64, progress: Optional[bool] = None,
+        threads: Optional[int] = None,
+) -> Tuple[int, int]:
+    """(correct, total) top-1 predictions of `model` (put in eval mode) over a labelled dataset, on the CPU threads
+    `choose_threads` picks for its batches (`threads` if given); torch's thread count is restored afterwards."""
     from tqdm.auto import tqdm
     model.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)  # no workers: small work
     correct = 0
     with torch.no_grad():
-        for images, targets in tqdm(loader, desc='validate', leave=False, disable=_disable(progress), unit='batch'):
+        for i, (images, targets) in enumerate(
+                tqdm(loader, desc='validate', leave=False, disable=_disable(progress), unit='batch')):
+            if i == 0:
+                torch.set_num_threads(choose_threads(batch_size, images.shape, _width(model), threads))
             correct += (model(images).argmax(dim=1) == targets).sum().item()
     return correct, len(dataset)
+
+
+def _width(model: nn.Module) -> int:
+    return int(getattr(model, 'num_features', 0) or 1024)
 
 
 def _disable(progress: Optional[bool]) -> Optional[bool]:
@@ -222,6 +285,7 @@ def _training_record(
     )
 
 
+@_restores_threads
 def finetune(
         model_name: Optional[str],
         data_dir: Union[str, Path, None],
@@ -244,6 +308,7 @@ def finetune(
         data_description: Optional[str] = None,
         progress: Optional[bool] = None,
         log: Callable[[str], None] = print,
+        threads: Optional[int] = None,
 ) -> FinetuneResult:
     """Fine-tune `model_name` on the image folders `data_dir`/train and `data_dir`/val; write the best epoch
     (highest validation accuracy) as a hub folder `out_dir`.
@@ -254,6 +319,8 @@ def finetune(
     `out_dir` after its last finished epoch (a setting that differs from that run's is refused). An existing
     non-empty `out_dir` is replaced only with `force`. `progress`: bars on stderr (None: when it is a terminal).
     `data_name` and `data_description` name and describe the data in the model card (default: the folder).
+    `threads`: CPU threads for torch (default: `choose_threads` for the batch, image size and model; torch's thread
+    count is restored afterwards).
     Returns a `FinetuneResult`; raises ValueError, FileNotFoundError or FileExistsError with a message naming the
     thing and the fix.
     """
@@ -325,6 +392,7 @@ def finetune(
         log(f'resuming {out_dir} after epoch {state["epoch"]} of {recipe.epochs}')
 
     size = data_config['input_size']
+    torch.set_num_threads(choose_threads(recipe.batch_size, size, _width(model), threads))
     log(f'fine-tuning {model_name} from {base} on {data_dir}: {len(classes)} classes, {len(train_set)} training and '
         f'{len(val_set)} validation images at {size[1]} x {size[2]}; {recipe.epochs} epochs, batch size '
         f'{recipe.batch_size}, AdamW lr {recipe.lr:g}')
@@ -350,7 +418,7 @@ def finetune(
             seen += len(targets)
             bar.set_postfix(loss=f'{loss_sum / seen:.4f}')
         bar.close()
-        correct, total = evaluate(model, val_set, progress=progress)
+        correct, total = evaluate(model, val_set, progress=progress, threads=threads)
         accuracy = correct / total
         is_best = accuracy > best['accuracy']
         if is_best:

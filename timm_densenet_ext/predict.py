@@ -7,6 +7,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from .images import UnreadableImage, read_image
 from .loading import load_model
 
 __all__ = ['Prediction', 'class_names', 'preprocessing', 'classify', 'predict']
@@ -45,22 +46,6 @@ def preprocessing(model: nn.Module):
     return timm.data.create_transform(**timm.data.resolve_data_config(model=model))
 
 
-def _read_image(path: Path):
-    """The image as RGB, or a one-line message saying why it cannot be read."""
-    from PIL import Image, UnidentifiedImageError
-    try:
-        with Image.open(path) as image:
-            return image.convert('RGB')
-    except FileNotFoundError:
-        return f'{path}: no such file; check the path.'
-    except IsADirectoryError:
-        return f'{path}: is a folder; give image files.'
-    except UnidentifiedImageError:
-        return f'{path}: not an image file PIL can read (JPEG, PNG, ...); check that it is an image.'
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        return f'{path}: cannot read it as an image ({e}); check that the file is complete.'
-
-
 def classify(
         model: nn.Module,
         images: Sequence[Union[str, Path]],
@@ -69,7 +54,8 @@ def classify(
 ) -> List[Prediction]:
     """Classify image files with `model` (in eval mode) and its pretrained config's preprocessing.
 
-    One `Prediction` per image, in order; an unreadable image gets its `error` and the others are still classified.
+    Images are read by `images.read_image` (any PIL mode, EXIF orientation, alpha on white). One `Prediction` per
+    image, in order; an unreadable image gets its `error` and the others are still classified.
     """
     if top_k < 1:
         raise ValueError(f'--top-k {top_k}: give 1 or more.')
@@ -90,9 +76,10 @@ def classify(
             results[i] = Prediction(str(images[i]), [(c, names[c], q) for c, q in zip(idx, p)])
 
     for i, path in enumerate(images):
-        image = _read_image(Path(path))
-        if isinstance(image, str):
-            results[i] = Prediction(str(path), error=image)
+        try:
+            image = read_image(path)
+        except UnreadableImage as e:
+            results[i] = Prediction(str(path), error=str(e))
             continue
         batch.append((i, transform(image)))
         if len(batch) == batch_size:
