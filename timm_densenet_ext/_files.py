@@ -5,11 +5,15 @@ Two processes told to write the same output must not both report success: the fi
 the other is refused with a one-line FileExistsError naming the path and the process holding it.
 """
 import contextlib
+import functools
+import inspect
 import os
 from pathlib import Path
-from typing import Iterator, Set, Union
+from typing import Callable, Iterator, Set, TypeVar, Union
 
-__all__ = ['claim', 'move_into_place', 'default_mode']
+__all__ = ['claim', 'claims_output', 'move_into_place', 'default_mode']
+
+F = TypeVar('F', bound=Callable)
 
 # paths this process holds a claim on: a workflow may call another that claims the same output (finetune writes its
 # hub folder through write_hub_folder), and a claim held by this process is its own to use
@@ -79,6 +83,22 @@ def claim(path: Union[str, Path]) -> Iterator[None]:
         _HELD.discard(key)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(lock)
+
+
+def claims_output(param: str) -> Callable[[F], F]:
+    """Decorate a workflow so that it holds a `claim` on its output argument `param` for the whole call (the folder
+    it lives in is created first, as the workflow would)."""
+    def decorate(fn: F) -> F:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            path = Path(signature.bind(*args, **kwargs).arguments[param])
+            path.absolute().parent.mkdir(parents=True, exist_ok=True)
+            with claim(path):
+                return fn(*args, **kwargs)
+        return call  # type: ignore[return-value]
+    return decorate
 
 
 def default_mode() -> int:

@@ -131,6 +131,12 @@ def _add_weights(p: argparse.ArgumentParser, what: str) -> None:
                        help=f'{what} the weights of a checkpoint file (any format convert reads)')
 
 
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--threads', type=int, metavar='N',
+                   help="torch's CPU threads (default: chosen for the work, one for small images; OMP_NUM_THREADS "
+                        'keeps torch\'s own)')
+
+
 def _add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument('--json', action='store_true', help='print JSON instead of text')
 
@@ -270,7 +276,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             args.model, args.data_dir, args.output, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
             weight_decay=args.weight_decay, img_size=args.img_size, hflip=args.hflip, scale=args.scale,
             seed=args.seed, pretrained=args.pretrained, weights=args.checkpoint, resume=args.resume,
-            force=args.force, repo_id=args.repo_id)
+            force=args.force, repo_id=args.repo_id, threads=args.threads)
     except KeyboardInterrupt:
         state = Path(args.output) / STATE_FILE
         if state.is_file():
@@ -299,7 +305,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
     recipe = {'epochs': args.epochs} if args.epochs else {}
-    run_demo(args.output, force=args.force, **recipe)
+    run_demo(args.output, force=args.force, threads=args.threads, **recipe)
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> None:
@@ -356,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--seed', type=int, metavar='S', help='seed of the classifier, batches and augmentation (default 0)')
     p.add_argument('--repo-id', metavar='ORG/NAME', help="the Hub repository the card's usage code loads")
     p.add_argument('--resume', action='store_true', help='continue the interrupted run in --output')
+    _add_threads(p)
     _add_force(p, 'replace an existing --output (kept if the run fails)')
 
     p = command('export', _cmd_export, 'export to ONNX, TorchScript or torch.export, checked against PyTorch')
@@ -369,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command('demo', _cmd_demo, "offline: fine-tune DenseNet-BC on scikit-learn's digits, reload and measure it")
     _add_output(p, 'the folder where data/ and the hub folder go', required=False, default='densenet-demo')
     p.add_argument('--epochs', type=int, metavar='N', help='fewer epochs for a quick look (default: the demo recipe)')
+    _add_threads(p)
     _add_force(p, 'replace data/ and the hub folder of an earlier run in --output')
 
     p = command('benchmark', _cmd_benchmark, "speed and memory side by side with timm's and torchvision's DenseNet")

@@ -4,7 +4,7 @@
 The digits (`sklearn.datasets.load_digits`: 1,797 real 8x8 scans of handwritten digits, UCI, shipped inside
 scikit-learn) are written as an image folder, train/ and val/, exactly what a user's own data looks like. No
 pretrained CIFAR weights exist, so the DenseNet starts from random weights: `finetune` with neither --pretrained
-nor --weights.
+nor --checkpoint.
 """
 import shlex
 import shutil
@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple, Union
 
+from ._files import claims_output
+from ._naming import arg
 from .finetune import FinetuneResult, evaluate, finetune, image_dataset
 
 __all__ = ['DEMO_MODEL', 'MODEL_FOLDER', 'DEMO_RECIPE', 'DemoResult', 'write_digits_folder', 'run_demo']
@@ -84,6 +86,7 @@ def next_steps(out_dir: Path, model_dir: Path, example: Path) -> List[str]:
     ]
 
 
+@claims_output('out_dir')
 def run_demo(
         out_dir: Union[str, Path] = 'densenet-demo',
         *,
@@ -108,7 +111,8 @@ def run_demo(
     for folder in (data_dir, model_dir):
         if folder.exists() and not force:
             raise FileExistsError(
-                f'{folder}: exists from an earlier run; pass --force to replace it, or give another --out.')
+                f'{folder}: exists from an earlier run; pass {arg("force")} to replace it, or give another '
+                f'{arg("out_dir", "DIR")}.')
     if data_dir.exists():
         shutil.rmtree(data_dir)
     train_n, val_n = write_digits_folder(data_dir)

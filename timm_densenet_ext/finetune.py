@@ -22,9 +22,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from ._files import claims_output
+from ._naming import arg
 from .hub import check_out_dir, write_hub_folder
 from .images import image_loader
-from .loading import HUB_PREFIXES, load_model, model_card_name
+from .loading import HUB_PREFIXES, load_model, model_card_name, weights_repo_id
 from .variants import default_cfgs, resolve_model_name
 
 __all__ = ['Recipe', 'FinetuneResult', 'STATE_FILE', 'image_folders', 'image_dataset', 'choose_threads', 'finetune',
@@ -54,13 +56,13 @@ class Recipe:
 
     def __post_init__(self):
         checks = [
-            (self.epochs >= 1, f'--epochs {self.epochs}: give 1 or more.'),
-            (self.batch_size >= 1, f'--batch-size {self.batch_size}: give 1 or more.'),
-            (self.lr > 0, f'--lr {self.lr}: give a learning rate above 0.'),
-            (self.weight_decay >= 0, f'--weight-decay {self.weight_decay}: give 0 or more.'),
-            (self.img_size is None or self.img_size >= 1, f'--img-size {self.img_size}: give a size in pixels.'),
-            (0 <= self.hflip <= 1, f'--hflip {self.hflip}: give a probability from 0 to 1.'),
-            (0 < self.scale[0] <= self.scale[1] <= 1, f'--scale {self.scale}: give 0 < MIN <= MAX <= 1.'),
+            (self.epochs >= 1, f'{arg("epochs", self.epochs)}: give 1 or more.'),
+            (self.batch_size >= 1, f'{arg("batch_size", self.batch_size)}: give 1 or more.'),
+            (self.lr > 0, f'{arg("lr", self.lr)}: give a learning rate above 0.'),
+            (self.weight_decay >= 0, f'{arg("weight_decay", self.weight_decay)}: give 0 or more.'),
+            (self.img_size is None or self.img_size >= 1, f'{arg("img_size", self.img_size)}: give a size in pixels.'),
+            (0 <= self.hflip <= 1, f'{arg("hflip", self.hflip)}: give a probability from 0 to 1.'),
+            (0 < self.scale[0] <= self.scale[1] <= 1, f'{arg("scale", self.scale)}: give 0 < MIN <= MAX <= 1.'),
         ]
         for ok, message in checks:
             if not ok:
@@ -87,7 +89,8 @@ def image_folders(data_dir: Union[str, Path]) -> Tuple[Path, Path, List[str]]:
     from torchvision.datasets.folder import find_classes
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise FileNotFoundError(f'{data_dir}: no such folder; give --data the folder that holds train/ and val/.')
+        raise FileNotFoundError(
+            f'{data_dir}: no such folder; give {arg("data_dir", "DIR")}, the folder that holds train/ and val/.')
     layout = 'DIR/train/CLASS/IMAGE and DIR/val/CLASS/IMAGE, one sub-folder per class'
     classes = {}
     for split in ('train', 'val'):
@@ -230,13 +233,14 @@ def _load_state(out_dir: Path) -> Dict[str, Any]:
     path = out_dir / STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(
-            f'{out_dir}: holds no interrupted run ({STATE_FILE}) to resume; start it without --resume.')
+            f'{out_dir}: holds no interrupted run ({STATE_FILE}) to resume; start it without {arg("resume")}.')
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise ValueError(f'{path}: cannot be read ({type(e).__name__}); start the run again with --force.') from None
+        raise ValueError(
+            f'{path}: cannot be read ({type(e).__name__}); start the run again with {arg("force")}.') from None
     if not isinstance(state, dict) or state.get('format') != _STATE_FORMAT:
-        raise ValueError(f'{path}: not a finetune state file; start the run again with --force.')
+        raise ValueError(f'{path}: not a finetune state file; start the run again with {arg("force")}.')
     return state
 
 
@@ -247,10 +251,9 @@ def _resumed_settings(state: Dict[str, Any], given: Dict[str, Any], out_dir: Pat
         if isinstance(saved, list):
             saved = tuple(saved)
         if value is not None and value != saved:
-            flag = '--model' if name == 'model_name' else '--' + name.replace('_', '-')
             raise ValueError(
-                f'{flag} {value} differs from the interrupted run in {out_dir} ({saved}); resume with the same '
-                f'settings, or start again with --force.')
+                f'{arg(name, value)} differs from the interrupted run in {out_dir} ({saved}); resume with the same '
+                f'settings, or start again with {arg("force")}.')
 
 
 def _training_record(
@@ -285,6 +288,7 @@ def _training_record(
     )
 
 
+@claims_output('out_dir')
 @_restores_threads
 def finetune(
         model_name: Optional[str],
@@ -333,7 +337,8 @@ def finetune(
                  hflip=hflip, scale=tuple(scale) if scale is not None else None, seed=seed)
     if resume:
         if force:
-            raise ValueError('give --resume to continue an interrupted run, or --force to start it again, not both.')
+            raise ValueError(f'give {arg("resume")} to continue an interrupted run, or {arg("force")} to start it '
+                             f'again, not both.')
         state = _load_state(out_dir)
         _resumed_settings(state, dict(given, model_name=model_name, pretrained=pretrained or None,
                                       weights=str(Path(weights).resolve()) if weights else None), out_dir)
@@ -344,10 +349,12 @@ def finetune(
         recipe = Recipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in state['recipe'].items()})
     else:
         if not model_name or data_dir is None:
-            raise ValueError('give --model and --data (or --resume, to continue an interrupted run in --out).')
+            raise ValueError(f'give {arg("model_name", "MODEL")} and {arg("data_dir", "DIR")} (or {arg("resume")}, to '
+                             f'continue an interrupted run in {arg("out_dir", "DIR")}).')
         if (out_dir / STATE_FILE).is_file() and not force:
             raise FileExistsError(
-                f'{out_dir}: holds an interrupted run; pass --resume to continue it, or --force to start again.')
+                f'{out_dir}: holds an interrupted run; pass {arg("resume")} to continue it, or {arg("force")} to start '
+                f'again.')
         check_out_dir(out_dir, force)
         recipe = Recipe(**{k: v for k, v in given.items() if v is not None})
         state = None
@@ -357,7 +364,7 @@ def finetune(
         raise ValueError(
             f'{data_dir}: its classes ({", ".join(classes[:5])}{", ..." if len(classes) > 5 else ""}) are not the '
             f'interrupted run\'s ({", ".join(state["classes"][:5])}{", ..." if len(state["classes"]) > 5 else ""}); '
-            f'give --data the folder it was started on, or start again with --force.')
+            f'give {arg("data_dir", "DIR")} the folder it was started on, or start again with {arg("force")}.')
 
     _seed_everything(recipe.seed)
     model = load_model(model_name, pretrained=pretrained, weights=weights, require_weights=False)
@@ -442,6 +449,7 @@ def finetune(
     write_hub_folder(
         model, out_dir, model_name=card_name, repo_id=repo_id, force=True, label_names=classes,
         data_config={'input_size': size} if recipe.img_size else None, training=training,
+        base_model=weights_repo_id(model_name, pretrained=pretrained, weights=weights),
         weights_source=f'Fine-tuned with `timm-densenet-ext finetune` from {base} on {data_text}: '
                        f'{100 * best["accuracy"]:.2f}% validation accuracy.')
     return FinetuneResult(

@@ -7,6 +7,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from ._naming import arg
 from .images import UnreadableImage, read_image
 from .loading import load_model
 
@@ -58,7 +59,7 @@ def classify(
     image, in order; an unreadable image gets its `error` and the others are still classified.
     """
     if top_k < 1:
-        raise ValueError(f'--top-k {top_k}: give 1 or more.')
+        raise ValueError(f'{arg("top_k", top_k)}: give 1 or more.')
     if not model.num_classes:
         raise ValueError('the model has no classifier (num_classes=0); give a model that classifies.')
     transform = preprocessing(model)
@@ -97,9 +98,14 @@ def predict(
         pretrained: bool = False,
         weights: Union[str, Path, None] = None,
         top_k: int = 5,
+        batch_size: int = 16,
 ) -> List[Prediction]:
     """Classify image files with a model loaded by `loading.load_model` (a variant with `pretrained` or `weights`,
-    or a hub folder 'local-dir:DIR'): the top-k class names and probabilities of each image."""
+    or a hub folder 'local-dir:DIR'): the top-k class names and probabilities of each image, `batch_size` images
+    per forward pass."""
     if not images:
         raise ValueError('give one or more image files to classify.')
-    return classify(load_model(model_name, pretrained=pretrained, weights=weights), images, top_k=top_k)
+    if batch_size < 1:
+        raise ValueError(f'{arg("batch_size", batch_size)}: give 1 or more.')
+    model = load_model(model_name, pretrained=pretrained, weights=weights)
+    return classify(model, images, top_k=top_k, batch_size=batch_size)

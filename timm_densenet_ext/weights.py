@@ -10,6 +10,8 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from ._naming import arg
+
 __all__ = ['checkpoint_filter_fn', 'Checkpoint', 'read_checkpoint', 'model_from_checkpoint']
 
 # torchvision < 0.4 named dense-layer modules 'norm.1', 'relu.1', 'conv.1' where they are now 'norm1', ...
@@ -243,13 +245,14 @@ def model_from_checkpoint(
         if matches:
             raise ValueError(
                 f'{path}: looks like {" or ".join(matches)}, not {arch}: {summary}; convert it with '
-                f'--model {matches[0]}.')
+                f'{arg("model_name", matches[0])}.')
         raise ValueError(
-            f'{path}: does not fit {arch}: {summary}. Check --model: `timm-densenet-ext list` shows the variants.')
+            f'{path}: does not fit {arch}: {summary}. Check {arg("model_name", "MODEL")}: `timm-densenet-ext list` shows '
+            f'the variants.')
     if num_classes is not None and num_classes != found_classes:
         has = f'a classifier of {found_classes} classes' if found_classes else 'no classifier'
         raise ValueError(
-            f'{path}: has {has}, not the {num_classes} given by --num-classes; leave --num-classes out to keep '
+            f'{path}: has {has}, not the {num_classes} given by {arg("num_classes", num_classes)}; leave it out to keep '
             f'its classifier (timm.create_model(..., num_classes=N) makes a new one of another size when loading).')
 
     # a sum is NaN or infinite exactly when an element is (float64: no overflow); much faster than isfinite().all()
