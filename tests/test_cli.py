@@ -155,3 +155,20 @@ def test_errors_name_flags_on_the_command_line_and_arguments_in_python(tmp_path,
     err = capsys.readouterr().err
     assert '--force' in err and 'force=True' not in err and '--output' in err
     assert existing.read_bytes() == b'keep'
+
+
+def test_every_argument_an_error_names_is_a_flag_of_the_cli():
+    """Errors raised while the CLI runs name flags through `_naming.arg`: each of those flags must exist."""
+    import re
+    from pathlib import Path
+
+    from timm_densenet_ext._naming import arg, cli_style
+    _, commands = _subcommands()
+    flags = {s for p in commands.values() for a in p._actions for s in a.option_strings}
+    package = Path(timm_densenet_ext.__file__).parent
+    names = {n for f in package.glob('*.py') for n in re.findall(r'arg\("(\w+)"', f.read_text())}
+    assert {'force', 'out_dir', 'weights', 'top_k', 'data_dir', 'model_name'} <= names
+    with cli_style():
+        named = {n: arg(n).split()[0] for n in names}
+    assert {n: f for n, f in named.items() if f not in flags} == {}
+    assert arg('force') == 'force=True' and arg('weights', 'PATH') == 'weights=PATH'  # outside the CLI: Python's

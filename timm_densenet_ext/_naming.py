@@ -23,6 +23,12 @@ FLAGS = {
     'batch_size': '--batch-size',
     'img_size': '--img-size',
     'epochs': '--epochs',
+    'lr': '--lr',
+    'weight_decay': '--weight-decay',
+    'hflip': '--hflip',
+    'scale': '--scale',
+    'seed': '--seed',
+    'threads': '--threads',
     'fmt': '--format',
     'dry_run': '--dry-run',
     'use_ema': '--no-ema',
@@ -40,7 +46,7 @@ _CLI = contextvars.ContextVar('timm_densenet_ext_cli_style', default=False)
 def arg(name: str, value: Optional[str] = None) -> str:
     """`name=True` / `name=value` for Python callers; the flag (`--force`, `--output DIR`) on the command line."""
     if _CLI.get():
-        flag = FLAGS[name]
+        flag = FLAGS.get(name, '--' + name.replace('_', '-'))  # the CLI's rule where no alias is listed
         return flag if value is None else f'{flag} {value}'
     return f'{name}=True' if value is None else f'{name}={value}'
 
