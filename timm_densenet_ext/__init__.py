@@ -11,6 +11,7 @@ MODEL_NAMES = tuple(default_cfgs)
 _LAZY = {
     'read_checkpoint': 'weights', 'model_from_checkpoint': 'weights',
     'convert_checkpoint': 'hub', 'write_hub_folder': 'hub', 'validate_folder': 'hub', 'push_folder': 'hub',
+    'folder_card': 'hub', 'PushError': 'hub', 'read_image': 'images',
     'render_model_card': 'cards', 'write_model_cards': 'cards',
     'model_stats': 'stats',
     'fuse_for_inference': 'fused',
