@@ -98,5 +98,5 @@ def test_an_earlier_run_is_kept_without_force(demo_run, capsys):
     assert main(['demo', '--out', str(out)]) == 2
     err = capsys.readouterr().err
     assert err.splitlines() == [f'timm-densenet-ext demo: error: {out / "data"}: exists from an earlier run; pass '
-                                f'--force to replace it, or give another --out.']
+                                f'--force to replace it, or give another --output DIR.']
     assert (out / demo.MODEL_FOLDER / 'model.safetensors').read_bytes() == before

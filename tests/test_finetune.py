@@ -148,7 +148,7 @@ def test_resume_refuses_other_classes_and_settings(data, tmp_path, monkeypatch, 
     capsys.readouterr()
     for argv, message in [
         (['--data', str(other)], "its classes (apple, banana, durian) are not the interrupted run's "
-                                 "(apple, banana, cherry); give --data the folder it was started on"),
+                                 "(apple, banana, cherry); give the folder it was started on as --data-dir DIR"),
         (['--lr', '0.5'], '--lr 0.5 differs from the interrupted run in'),
         (['--model', 'densenet121'], '--model densenet121 differs from the interrupted run'),
         (['--force'], 'give --resume to continue an interrupted run, or --force to start it again, not both'),
@@ -221,7 +221,7 @@ def test_an_existing_out_folder_is_kept_without_force(data, tmp_path, capsys):
     assert main(argv + ['--force']) == 0
     assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
     assert main(['finetune', '--out', str(out)]) == 2
-    assert 'give --model and --data' in capsys.readouterr().err
+    assert 'give --model MODEL and --data-dir DIR' in capsys.readouterr().err
 
 
 def test_threads_are_chosen_for_the_work(monkeypatch):

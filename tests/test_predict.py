@@ -126,13 +126,13 @@ def test_weights_file_loads_through_convert_s_reader(tmp_path, capsys):
 
 @pytest.mark.parametrize('argv, message', [
     (['densenet121', 'x.png'], 'densenet121: no weights given, so its outputs would be random; pass --pretrained'),
-    (['densenet264d', 'x.png'], 'densenet264d: no weights given, so its outputs would be random; pass --weights'),
+    (['densenet264d', 'x.png'], 'densenet264d: no weights given, so its outputs would be random; pass --checkpoint PATH'),
     (['densenet264d', 'x.png', '--pretrained'], 'densenet264d: has no pretrained weights; leave out --pretrained'),
     (['resnet50', 'x.png', '--pretrained'], "unknown model 'resnet50'"),
     (['local-dir:nowhere', 'x.png'], 'local-dir:nowhere: no such folder nowhere'),
     (['hf-hub:me/nowhere', 'x.png'], 'hf-hub:me/nowhere: not in the local Hugging Face cache'),
     (['densenet121', 'x.png', '--weights', 'nowhere.pth'], 'nowhere.pth: no such file'),
-    (['densenet121', 'x.png', '--pretrained', '--top-k', '0'], '--top-k 0: give 1 or more'),
+    (['densenet121', 'x.png', '--pretrained', '--top-k', '0'], '--topk 0: give 1 or more'),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(argv, message, tmp_path, monkeypatch, hub_cache, capsys):
     monkeypatch.chdir(tmp_path)

@@ -213,7 +213,7 @@ BAD_INPUTS = [
     ('no-weights.pth', [], r"no-weights\.pth: holds no state dict \(its entries are 'epoch', 'optimizer'\)"),
     ('nan.pth', [], r'nan\.pth: 1 tensor holds NaN or infinite values \(features\.denseblock2\.denselayer3\.conv1'),
     ('good.pth', ['--num-classes', '10'], r'good\.pth: has a classifier of 100 classes, not the 10 given by '
-                                          r'--num-classes; leave --num-classes out'),
+                                          r'--num-classes 10; leave it out'),
     ('good.pth', ['--model', 'densenet_bc_1000'], r"unknown model 'densenet_bc_1000'; `timm-densenet-ext list`"),
     ('good.pth', ['--model', 'densenet121.nope'], r"unknown pretrained tag 'nope' for densenet121; its tags are: "),
     ('missing.pth', [], r'missing\.pth: no such file; check the checkpoint path\.'),

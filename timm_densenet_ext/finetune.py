@@ -364,7 +364,7 @@ def finetune(
         raise ValueError(
             f'{data_dir}: its classes ({", ".join(classes[:5])}{", ..." if len(classes) > 5 else ""}) are not the '
             f'interrupted run\'s ({", ".join(state["classes"][:5])}{", ..." if len(state["classes"]) > 5 else ""}); '
-            f'give {arg("data_dir", "DIR")} the folder it was started on, or start again with {arg("force")}.')
+            f'give the folder it was started on as {arg("data_dir", "DIR")}, or start again with {arg("force")}.')
 
     _seed_everything(recipe.seed)
     model = load_model(model_name, pretrained=pretrained, weights=weights, require_weights=False)
