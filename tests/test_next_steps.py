@@ -63,9 +63,12 @@ def hub():
 
 @pytest.fixture(scope='module')
 def demo_dir(tmp_path_factory):
-    """`timm-densenet-ext demo` as a user runs it, in a folder of their own (one epoch, to keep the test short)."""
+    """The demo run the quick start's way, by the console script's path (`.venv/bin/timm-densenet-ext demo`) with
+    the venv not on PATH, in a folder of the user's own (one epoch, to keep the test short)."""
     cwd = tmp_path_factory.mktemp('user')
-    proc = _run('timm-densenet-ext demo --epochs 1', cwd)
+    path = os.pathsep.join(p for p in os.environ.get('PATH', '').split(os.pathsep) if Path(p) != BIN)
+    proc = subprocess.run([str(BIN / 'timm-densenet-ext'), 'demo', '--epochs', '1'], cwd=cwd, capture_output=True,
+                          text=True, timeout=600, env=dict(_env(), PATH=path))
     assert proc.returncode == 0, proc.stderr
     return cwd, proc.stdout
 
@@ -73,7 +76,8 @@ def demo_dir(tmp_path_factory):
 def test_the_demo_s_next_steps_run_as_printed(demo_dir):
     cwd, printed = demo_dir
     steps = _next_steps(printed)
-    assert [s.split()[1] if s.startswith('timm-') else s.split(':')[0] for s in steps] == [
+    tool = shlex.quote(str(BIN / 'timm-densenet-ext'))  # as the user ran it: the shell would not find the bare name
+    assert [s.split()[1] if s.startswith(tool) else s.split(':')[0] for s in steps] == [
         'predict', 'export', 'push', 'load it in Python']
     results = {step: _run_step(step, cwd) for step in steps}
     for step, proc in results.items():
@@ -87,6 +91,17 @@ def test_the_demo_s_next_steps_run_as_printed(demo_dir):
     assert 'hf-hub:ORG/NAME' in push.stdout and "scikit-learn's handwritten digits" in push.stdout
     assert 'YOUR-ORG' not in push.stdout
     assert python.stdout.split() == ['DenseNet', '10']
+
+
+def test_without_the_export_extra_the_demo_suggests_an_export_that_needs_nothing_more(demo_dir):
+    """The quick start installs the demo extra only: no onnx. The export then offered is torch.export's, and runs."""
+    cwd, _ = demo_dir
+    folder = Path('densenet-demo') / MODEL_FOLDER
+    export = next_steps(Path('densenet-demo'), folder, Path('x.png'), onnx=False)[2].strip()
+    assert '--format exported-program' in export and 'digits.pt2' in export
+    proc = _run(export, cwd)
+    assert proc.returncode == 0, proc.stderr
+    assert (cwd / 'densenet-demo' / 'digits.pt2').is_file()
 
 
 def _convert(tmp_path: Path, extra: str = '') -> subprocess.CompletedProcess:
@@ -144,7 +159,9 @@ def test_the_readme_shows_the_demo_s_next_steps_as_it_prints_them():
     shown = re.search(r'^next:\n((?:  .*\n)+)', readme, flags=re.M)
     assert shown, 'README: the demo transcript ends with its next steps'
     example = re.search(r'densenet-demo/data/val/7/\d+\.png', shown.group(1)).group(0)
-    expected = next_steps(Path('densenet-demo'), Path('densenet-demo') / MODEL_FOLDER, Path(example))
+    # as the quick start runs it: `.venv/bin/timm-densenet-ext demo`, with the demo extra only (no onnx)
+    expected = next_steps(Path('densenet-demo'), Path('densenet-demo') / MODEL_FOLDER, Path(example),
+                          tool='.venv/bin/timm-densenet-ext', onnx=False)
     assert shown.group(0).rstrip('\n').splitlines() == expected
 
 

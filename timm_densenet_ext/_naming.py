@@ -2,9 +2,13 @@
 line's flags for the CLI (`--force`). Library code writes `arg('force')`; the CLI switches the style for its run."""
 import contextlib
 import contextvars
+import os
+import shlex
+import shutil
+import sys
 from typing import Iterator, Optional
 
-__all__ = ['arg', 'cli_style', 'FLAGS']
+__all__ = ['arg', 'cli_style', 'program', 'FLAGS']
 
 # Python argument -> the CLI flag that sets it (timm's scripts' names)
 FLAGS = {
@@ -59,3 +63,15 @@ def cli_style() -> Iterator[None]:
         yield
     finally:
         _CLI.reset(token)
+
+
+def program() -> str:
+    """This tool's command as the user ran it, for the next steps it prints: `timm-densenet-ext` when that is what
+    the shell finds on PATH, else the path they typed (`.venv/bin/timm-densenet-ext` in the README's quick start)."""
+    argv0 = sys.argv[0] if sys.argv else ''
+    if os.path.basename(argv0) != 'timm-densenet-ext':  # `python -m timm_densenet_ext.cli`, or called from Python
+        return 'timm-densenet-ext'
+    found = shutil.which('timm-densenet-ext')
+    if found and os.path.realpath(found) == os.path.realpath(argv0):
+        return 'timm-densenet-ext'
+    return shlex.quote(argv0)

@@ -159,12 +159,14 @@ def _print_files(files: Sequence) -> None:
 
 def _print_next_steps(folder: Path, repo_id: Optional[str]) -> None:
     """What a hub folder's writer prints last: lines a user (and test_next_steps) runs exactly as printed."""
+    from ._naming import program
     ref = f'local-dir:{folder}'
     print('next:')
     print(f'  load it in Python: import timm, timm_densenet_ext; '
           f'model = timm.create_model({ref!r}, pretrained=True)')
-    print(f'  check the upload: timm-densenet-ext push {_command(folder)} --repo-id {repo_id or "ORG/NAME"} --dry-run')
-    print(f'  publish it: timm-densenet-ext push {_command(folder)} --repo-id {repo_id or "ORG/NAME"}')
+    push = f'{program()} push {_command(folder)} --repo-id {repo_id or "ORG/NAME"}'
+    print(f'  check the upload: {push} --dry-run')
+    print(f'  publish it: {push}')
 
 
 # ---- subcommands: each parses, calls one function, prints

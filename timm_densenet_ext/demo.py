@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Tuple, Union
 
 from ._files import claims_output
-from ._naming import arg
+from ._naming import arg, program
 from .finetune import FinetuneResult, evaluate, finetune, image_dataset
 
 __all__ = ['DEMO_MODEL', 'MODEL_FOLDER', 'DEMO_RECIPE', 'DemoResult', 'write_digits_folder', 'run_demo']
@@ -72,15 +72,21 @@ def write_digits_folder(data_dir: Union[str, Path], val_fraction: float = 0.2, s
     return len(train_idx), len(val_idx)
 
 
-def next_steps(out_dir: Path, model_dir: Path, example: Path) -> List[str]:
+def next_steps(out_dir: Path, model_dir: Path, example: Path, tool: str = 'timm-densenet-ext',
+               onnx: Optional[bool] = None) -> List[str]:
     """The demo's last lines: what to do with what it wrote, each runnable exactly as printed (test_next_steps runs
-    them)."""
+    them). `tool` is how the user ran this tool (`_naming.program()`); the export is to ONNX when its packages are
+    installed (`onnx`: None to look), else to torch.export's .pt2, which needs nothing more."""
+    import importlib.util
+    if onnx is None:
+        onnx = all(importlib.util.find_spec(m) is not None for m in ('onnx', 'onnxscript', 'onnxruntime'))
+    fmt, suffix = ('onnx', 'onnx') if onnx else ('exported-program', 'pt2')
     folder, model = shlex.quote(str(model_dir)), shlex.quote(f'local-dir:{model_dir}')
     return [
         'next:',
-        f'  timm-densenet-ext predict -m {model} {shlex.quote(str(example))}',
-        f'  timm-densenet-ext export -m {model} --format onnx --output {shlex.quote(str(out_dir / "digits.onnx"))}',
-        f'  timm-densenet-ext push {folder} --repo-id ORG/NAME --dry-run',
+        f'  {tool} predict -m {model} {shlex.quote(str(example))}',
+        f'  {tool} export -m {model} --format {fmt} --output {shlex.quote(str(out_dir / ("digits." + suffix)))}',
+        f'  {tool} push {folder} --repo-id ORG/NAME --dry-run',
         f"  load it in Python: import timm, timm_densenet_ext; "
         f"model = timm.create_model({'local-dir:' + str(model_dir)!r}, pretrained=True)",
     ]
@@ -140,6 +146,6 @@ def run_demo(
     log(f'  {model_dir}/  the hub folder: model.safetensors, config.json (with the label names), README.md '
         f'(the model card: data, recipe, accuracy)')
     example = next(iter(sorted((data_dir / 'val' / '7').iterdir())))
-    for line in next_steps(out_dir, model_dir, example):
+    for line in next_steps(out_dir, model_dir, example, tool=program()):
         log(line)
     return DemoResult(out_dir, data_dir, model_dir, result, correct, total, seconds)
