@@ -19,7 +19,7 @@ import torch
 from huggingface_hub import ModelCard, ModelCardData
 from timm.layers import BlurPool2d
 
-from ._files import claim, move_into_place
+from ._files import claim, default_mode, move_into_place
 from ._naming import arg
 from .stats import measure
 from .variants import default_cfgs, resolve_model_name
@@ -366,12 +366,6 @@ def render_model_card(
     return text if text.endswith('\n') else text + '\n'
 
 
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
 def _write_atomic(path: Path, text: str, force: bool) -> None:
     """Write `text` to a temp file beside `path`, then move it into place (never over a file unless `force`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -380,7 +374,7 @@ def _write_atomic(path: Path, text: str, force: bool) -> None:
         try:
             with os.fdopen(fd, 'w', encoding='utf-8', newline='') as f:
                 f.write(text)
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make the card private
+            os.chmod(tmp, default_mode())  # mkstemp's 0600 would make the card private
             move_into_place(tmp, path, force, f'{path} exists; pass {arg("force")} to overwrite it.')
         finally:
             if os.path.exists(tmp):

@@ -141,11 +141,6 @@ def _add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument('--json', action='store_true', help='print JSON instead of text')
 
 
-def _command(path) -> str:
-    """A printed next step's path, quoted for the shell where it needs it."""
-    return shlex.quote(str(path))
-
-
 def _print_files(files: Sequence) -> None:
     def size(n: float) -> str:
         for unit in ('B', 'kB', 'MB', 'GB'):
@@ -160,11 +155,10 @@ def _print_files(files: Sequence) -> None:
 def _print_next_steps(folder: Path, repo_id: Optional[str]) -> None:
     """What a hub folder's writer prints last: lines a user (and test_next_steps) runs exactly as printed."""
     from ._naming import program
-    ref = f'local-dir:{folder}'
+    from .hub import load_code
     print('next:')
-    print(f'  load it in Python: import timm, timm_densenet_ext; '
-          f'model = timm.create_model({ref!r}, pretrained=True)')
-    push = f'{program()} push {_command(folder)} --repo-id {repo_id or "ORG/NAME"}'
+    print(f'  load it in Python: {load_code(folder)}')
+    push = f'{program()} push {shlex.quote(str(folder))} --repo-id {repo_id or "ORG/NAME"}'
     print(f'  check the upload: {push} --dry-run')
     print(f'  publish it: {push}')
 

@@ -16,6 +16,7 @@ from typing import Callable, List, Optional, Tuple, Union
 from ._files import claims_output
 from ._naming import arg, program
 from .finetune import FinetuneResult, evaluate, finetune, image_dataset
+from .hub import load_code
 
 __all__ = ['DEMO_MODEL', 'MODEL_FOLDER', 'DEMO_RECIPE', 'DemoResult', 'write_digits_folder', 'run_demo']
 
@@ -87,8 +88,7 @@ def next_steps(out_dir: Path, model_dir: Path, example: Path, tool: str = 'timm-
         f'  {tool} predict -m {model} {shlex.quote(str(example))}',
         f'  {tool} export -m {model} --format {fmt} --output {shlex.quote(str(out_dir / ("digits." + suffix)))}',
         f'  {tool} push {folder} --repo-id ORG/NAME --dry-run',
-        f"  load it in Python: import timm, timm_densenet_ext; "
-        f"model = timm.create_model({'local-dir:' + str(model_dir)!r}, pretrained=True)",
+        f'  load it in Python: {load_code(model_dir)}',
     ]
 
 

@@ -114,16 +114,21 @@ def export_model(
         return _export_checked(model, fmt, out, force)
 
 
+def _exists_message(out: Path) -> str:
+    return f'{out}: exists; pass {arg("force")} to replace it, or choose another {arg("out", "FILE")}.'
+
+
 def _check_output(out: Path, fmt: str, force: bool) -> None:
-    exists = f'{out}: exists; pass {arg("force")} to replace it, or choose another {arg("out", "FILE")}.'
     if out.is_dir():
-        raise ValueError(f'{out}: is a folder; give {arg("out", "a file name")}, e.g. {out / ("model" + SUFFIXES[fmt])}.')
+        raise ValueError(
+            f'{out}: is a folder; give {arg("out", "a file name")}, e.g. {out / ("model" + SUFFIXES[fmt])}.')
     if out.exists() and not force:
-        raise FileExistsError(exists)
+        raise FileExistsError(_exists_message(out))
     if not out.parent.is_dir():
         raise FileNotFoundError(f'{out.parent}: no such folder; create it, or choose another {arg("out", "FILE")}.')
     if fmt == 'exported-program' and out.suffix != '.pt2':
-        raise ValueError(f'{out}: torch.export.load reads only files named *.pt2; give {arg("out", out.stem + ".pt2")}.')
+        raise ValueError(
+            f'{out}: torch.export.load reads only files named *.pt2; give {arg("out", out.stem + ".pt2")}.')
 
 
 def _export_checked(model: nn.Module, fmt: str, out: Path, force: bool) -> ExportResult:
@@ -150,8 +155,7 @@ def _export_checked(model: nn.Module, fmt: str, out: Path, force: bool) -> Expor
             raise RuntimeError(f'the exported {fmt} file differs from PyTorch by {max_diff:.2e} (more than '
                                f'{TOLERANCE:g}); nothing was written')
         size = tmp.stat().st_size
-        move_into_place(tmp, out, force, f'{out}: exists; pass {arg("force")} to replace it, or choose another '
-                                         f'{arg("out", "FILE")}.')
+        move_into_place(tmp, out, force, _exists_message(out))
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -15,13 +15,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 
-from ._files import claim
+from ._files import claim, default_mode
 from ._naming import arg
-from .variants import default_cfgs, resolve_model_name
+from .loading import registered_name
+from .variants import resolve_model_name
 from .weights import model_from_checkpoint, read_checkpoint
 
-__all__ = ['convert_checkpoint', 'write_hub_folder', 'check_out_dir', 'validate_folder', 'upload_files', 'folder_card',
-           'push_folder', 'PushResult', 'PushError']
+__all__ = ['convert_checkpoint', 'write_hub_folder', 'check_out_dir', 'validate_folder', 'load_code', 'upload_files',
+           'folder_card', 'push_folder', 'PushResult', 'PushError']
 
 WEIGHTS_FILE = 'model.safetensors'
 CONFIG_FILE = 'config.json'
@@ -77,10 +78,9 @@ def _swap_in(staging: Path, out_dir: Path) -> None:
 
 def _chmod_default(folder: Path) -> None:
     """Give the files the permissions of any new file (safetensors writes its file readable by the owner only)."""
-    umask = os.umask(0)
-    os.umask(umask)
+    mode = default_mode()
     for path in folder.iterdir():
-        os.chmod(path, 0o666 & ~umask)
+        os.chmod(path, mode)
 
 
 def _label_config(model: nn.Module) -> Dict[str, Any]:
@@ -224,6 +224,12 @@ def convert_checkpoint(
             base_model=base_model, datasets=datasets, license=license)
 
 
+def load_code(folder: Union[str, Path]) -> str:
+    """One line of Python that loads the hub folder with its weights, as the tools print it for a next step (without
+    `pretrained=True` timm builds random weights; without the import it does not know the plugin-only variants)."""
+    return f"import timm, timm_densenet_ext; model = timm.create_model({f'local-dir:{folder}'!r}, pretrained=True)"
+
+
 def upload_files(folder: Union[str, Path]) -> List[Tuple[str, int]]:
     """(path in the repository, size in bytes) of every file `push_folder` uploads: all but hidden ones."""
     folder = Path(folder)
@@ -306,9 +312,7 @@ def folder_card(
     card_path = folder / CARD_FILE
     if not card_path.is_file():
         if inputs is None:  # the registered tag the config was saved from, for its preprocessing
-            arch, tag = resolve_model_name(config['architecture'])
-            saved_tag = config['pretrained_cfg'].get('tag')
-            model_name = f'{arch}.{saved_tag if saved_tag in default_cfgs[arch].tags else tag}'
+            model_name = registered_name(config['architecture'], config['pretrained_cfg'].get('tag'))
             return _render_folder_card(config, dict(model_name=model_name), repo_id), 'config'
         return _render_folder_card(config, inputs, repo_id), 'rendered'
 

@@ -12,7 +12,7 @@ import torch.nn as nn
 from ._naming import arg
 from .variants import default_cfgs, resolve_model_name
 
-__all__ = ['HUB_PREFIXES', 'load_model', 'model_card_name', 'weights_repo_id']
+__all__ = ['HUB_PREFIXES', 'load_model', 'model_card_name', 'registered_name', 'weights_repo_id']
 
 # timm model names that carry their own weights: a hub folder on disk, a Hub repository
 HUB_PREFIXES = ('local-dir:', 'hf-hub:')
@@ -96,11 +96,14 @@ def load_model(
 def model_card_name(model: nn.Module) -> str:
     """The registered 'arch' or 'arch.tag' a model was built as: the name its model card is rendered for."""
     cfg = model.pretrained_cfg
-    arch = cfg.get('architecture') or type(model).__name__
-    arch, tag = resolve_model_name(arch)
-    if cfg.get('tag') in default_cfgs[arch].tags:
-        tag = cfg['tag']
-    return f'{arch}.{tag}'
+    return registered_name(cfg.get('architecture') or type(model).__name__, cfg.get('tag'))
+
+
+def registered_name(architecture: str, tag: Optional[str] = None) -> str:
+    """'arch.tag' for an architecture and the tag a pretrained config records; the variant's default tag when the
+    recorded one is not among its own (a config saved from another model, or none)."""
+    arch, default_tag = resolve_model_name(architecture)
+    return f'{arch}.{tag if tag in default_cfgs[arch].tags else default_tag}'
 
 
 def weights_repo_id(
