@@ -143,7 +143,7 @@ def choose_threads(batch_size: int, input_size: Sequence[int], width: int, threa
     and 29 s with one); else torch's count less the cores other processes keep busy (the 1-minute load average)."""
     if threads is not None:
         if threads < 1:
-            raise ValueError(f'threads={threads}: give 1 or more.')
+            raise ValueError(f'{arg("threads", threads)}: give 1 or more.')
         return threads
     available = torch.get_num_threads()
     if os.environ.get('OMP_NUM_THREADS'):

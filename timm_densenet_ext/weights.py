@@ -247,13 +247,14 @@ def model_from_checkpoint(
                 f'{path}: looks like {" or ".join(matches)}, not {arch}: {summary}; convert it with '
                 f'{arg("model_name", matches[0])}.')
         raise ValueError(
-            f'{path}: does not fit {arch}: {summary}. Check {arg("model_name", "MODEL")}: `timm-densenet-ext list` shows '
-            f'the variants.')
+            f'{path}: does not fit {arch}: {summary}. Check {arg("model_name", "MODEL")}: `timm-densenet-ext list` '
+            f'shows the variants.')
     if num_classes is not None and num_classes != found_classes:
         has = f'a classifier of {found_classes} classes' if found_classes else 'no classifier'
         raise ValueError(
-            f'{path}: has {has}, not the {num_classes} given by {arg("num_classes", num_classes)}; leave it out to keep '
-            f'its classifier (timm.create_model(..., num_classes=N) makes a new one of another size when loading).')
+            f'{path}: has {has}, not the {num_classes} given by {arg("num_classes", num_classes)}; leave it out to '
+            f'keep its classifier (timm.create_model(..., num_classes=N) makes a new one of another size when '
+            f'loading).')
 
     # a sum is NaN or infinite exactly when an element is (float64: no overflow); much faster than isfinite().all()
     not_finite = [k for k, v in state_dict.items()
