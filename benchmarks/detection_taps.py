@@ -24,7 +24,7 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.ops import FrozenBatchNorm2d, box_iou
 from torchvision.transforms.functional import pil_to_tensor
 
-from timm_densenet_ext.detection import fpn_backbone
+from timm_densenet_ext.models.detection import fpn_backbone
 
 
 def shapes_dataset(n: int, size: int, seed: int) -> List[Tuple[torch.Tensor, Dict[str, torch.Tensor]]]:

@@ -9,7 +9,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from hub_fixtures import add_weights_to_hub_cache
-from timm_densenet_ext.detection import DenseNetFPN, fpn_backbone, stage_modules
+from timm_densenet_ext.models.detection import DenseNetFPN, fpn_backbone, stage_modules
 from timm_densenet_ext.parity import randomize_
 
 SHALLOW = dict(block_config=(2, 2, 2, 2))

@@ -21,8 +21,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import timm_densenet_ext
 from model_helpers import distinct_shallow, shallow
 from timm_densenet_ext import fuse_for_inference
-from timm_densenet_ext.densenet import DenseBlock, DenseLayer
-from timm_densenet_ext.fused import FusedDenseNet
+from timm_densenet_ext.models.densenet import DenseBlock, DenseLayer
+from timm_densenet_ext.models.fused import FusedDenseNet
 from timm_densenet_ext.parity import randomize_
 
 ALL = sorted(timm_densenet_ext.MODEL_NAMES)

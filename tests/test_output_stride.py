@@ -8,7 +8,7 @@ import torch.nn as nn
 from timm.models import get_pretrained_cfg
 
 import timm_densenet_ext
-from timm_densenet_ext.fused import fuse_for_inference
+from timm_densenet_ext.models.fused import fuse_for_inference
 from timm_densenet_ext.parity import randomize_
 
 from hub_fixtures import add_weights_to_hub_cache

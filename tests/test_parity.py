@@ -5,7 +5,7 @@ import torch
 
 from model_helpers import layout, legacy_tv_keys
 from timm_densenet_ext.parity import compare, randomize_, reference_builders
-from timm_densenet_ext.weights import checkpoint_filter_fn
+from timm_densenet_ext.models import checkpoint_filter_fn
 
 SHARED_WITH_TIMM = ['densenet121', 'densenet161', 'densenet169', 'densenet201', 'densenet264d',
                     'densenetblur121d', 'densenet121d']

@@ -12,7 +12,7 @@ import timm
 import timm_densenet_ext  # noqa: F401  (registers the variants)
 from hub_fixtures import add_weights_to_hub_cache
 from timm_densenet_ext.hub import write_hub_folder
-from timm_densenet_ext.variants import resolve_model_name
+from timm_densenet_ext.models import resolve_model_name
 from workflow_helpers import tiny_hub_folder, write_image
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,7 +11,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 import timm_densenet_ext
 from timm_densenet_ext import DenseNet
 from timm_densenet_ext.stats import model_stats
-from timm_densenet_ext.variants import CIFAR100_MEAN, CIFAR100_STD
+from timm_densenet_ext.models.densenet import CIFAR100_MEAN, CIFAR100_STD
 
 IMAGENET = ['densenet121', 'densenet161', 'densenet169', 'densenet201', 'densenet264d', 'densenetblur121d',
             'densenet121d', 'tv_densenet121', 'tv_densenet161', 'tv_densenet169', 'tv_densenet201']
@@ -48,7 +48,7 @@ def test_every_name_is_registered_and_ours():
     assert sorted(timm_densenet_ext.MODEL_NAMES) == sorted(IMAGENET + CIFAR)
     for name in IMAGENET + CIFAR:
         assert timm.is_model(name)
-        assert timm.models.model_entrypoint(name).__module__ == 'timm_densenet_ext.variants'
+        assert timm.models.model_entrypoint(name).__module__ == 'timm_densenet_ext.models.densenet'
         assert name in timm.list_models('*dense*')
     assert sorted(timm.list_models(module='densenet')) == sorted(IMAGENET + CIFAR)
 

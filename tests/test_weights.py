@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 import timm_densenet_ext  # noqa: F401  (registers the variants)
 from model_helpers import assert_same_tensors, legacy_tv_keys, trained
 from timm_densenet_ext.cli import main
-from timm_densenet_ext.weights import Checkpoint, checkpoint_filter_fn, model_from_checkpoint, read_checkpoint
+from timm_densenet_ext.checkpoints import Checkpoint, model_from_checkpoint, read_checkpoint
+from timm_densenet_ext.models import checkpoint_filter_fn
 
 SMALL = 'densenet_bc_100_k12'
 

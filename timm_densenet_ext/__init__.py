@@ -1,25 +1,31 @@
 """DenseNet for timm. Importing this package registers every variant with timm's model registry."""
-from .densenet import DenseBlock, DenseLayer, DenseNet, DenseTransition
-from .variants import default_cfgs
-from .weights import checkpoint_filter_fn
+import sys
+
+from . import checkpoints, models
+from .models import DenseBlock, DenseLayer, DenseNet, DenseTransition, MODEL_NAMES, checkpoint_filter_fn, default_cfgs
+from .models import densenet as _densenet, detection as _detection, fused as _fused
 
 __version__ = '0.1.0'
 
-MODEL_NAMES = tuple(default_cfgs)
-
-# The publishing API, imported on first use so that importing the package only registers models.
+# The workflows' API, imported on first use so that importing the package only registers models.
 _LAZY = {
-    'read_checkpoint': 'weights', 'model_from_checkpoint': 'weights',
+    'read_checkpoint': 'checkpoints', 'model_from_checkpoint': 'checkpoints',
     'convert_checkpoint': 'hub', 'write_hub_folder': 'hub', 'validate_folder': 'hub', 'push_folder': 'hub',
     'folder_card': 'hub', 'PushError': 'hub', 'read_image': 'images',
     'render_model_card': 'cards', 'write_model_cards': 'cards',
     'model_stats': 'stats',
-    'fuse_for_inference': 'fused',
-    'fpn_backbone': 'detection',
+    'fuse_for_inference': 'models.fused',
+    'fpn_backbone': 'models.detection',
 }
 
 __all__ = ['DenseNet', 'DenseLayer', 'DenseBlock', 'DenseTransition', 'MODEL_NAMES', 'checkpoint_filter_fn',
            'default_cfgs', '__version__', *_LAZY]
+
+# Module paths of release 0.1.0, before the model layer moved into `models`: they name the same modules.
+for _old, _module in (('densenet', _densenet), ('variants', models), ('weights', checkpoints), ('fused', _fused),
+                      ('detection', _detection)):
+    sys.modules[f'{__name__}.{_old}'] = _module
+    globals()[_old] = _module
 
 
 def __getattr__(name):

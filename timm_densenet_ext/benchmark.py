@@ -100,7 +100,7 @@ def _inference_candidates(model_name: str, state: Dict[str, torch.Tensor], devic
                           compile: bool) -> Dict[str, Callable[[], tuple]]:
     """name -> builder of (module, memory format of its input)."""
     import timm
-    from .fused import fuse_for_inference
+    from .models.fused import fuse_for_inference
     cl = torch.channels_last
     refs = _references(model_name)
 

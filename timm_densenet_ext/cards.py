@@ -22,7 +22,7 @@ from timm.layers import BlurPool2d
 from ._files import claim, default_mode, move_into_place
 from ._naming import arg
 from .stats import measure
-from .variants import default_cfgs, resolve_model_name
+from .models import default_cfgs, resolve_model_name
 
 __all__ = ['CARD_DIR', 'TEMPLATE_PATH', 'CITATIONS', 'card_model_names', 'card_path', 'check_card_facts',
            'render_model_card', 'write_model_card', 'write_model_cards']

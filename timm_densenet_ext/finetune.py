@@ -27,7 +27,7 @@ from ._naming import arg
 from .hub import check_out_dir, write_hub_folder
 from .images import image_loader
 from .loading import HUB_PREFIXES, load_model, model_card_name, weights_repo_id
-from .variants import default_cfgs, resolve_model_name
+from .models import default_cfgs, resolve_model_name
 
 __all__ = ['Recipe', 'FinetuneResult', 'STATE_FILE', 'image_folders', 'image_dataset', 'choose_threads', 'finetune',
            'evaluate']

@@ -18,8 +18,8 @@ import torch.nn as nn
 from ._files import claim, default_mode
 from ._naming import arg
 from .loading import registered_name
-from .variants import resolve_model_name
-from .weights import model_from_checkpoint, read_checkpoint
+from .models import resolve_model_name
+from .checkpoints import model_from_checkpoint, read_checkpoint
 
 __all__ = ['convert_checkpoint', 'write_hub_folder', 'check_out_dir', 'validate_folder', 'load_code', 'upload_files',
            'folder_card', 'push_folder', 'PushResult', 'PushError']

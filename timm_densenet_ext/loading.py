@@ -10,7 +10,8 @@ from typing import Optional, Union
 import torch.nn as nn
 
 from ._naming import arg
-from .variants import default_cfgs, resolve_model_name
+from .models import default_cfgs, resolve_model_name
+from .models.densenet import hub_offline_message
 
 __all__ = ['HUB_PREFIXES', 'load_model', 'model_card_name', 'registered_name', 'weights_repo_id']
 
@@ -47,10 +48,9 @@ def load_model(
     would be random. Raises ValueError or FileNotFoundError with a message naming the thing and the fix.
     """
     import timm
-    from huggingface_hub import constants
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    from .weights import model_from_checkpoint
+    from .checkpoints import model_from_checkpoint
     if pretrained and weights is not None:
         raise ValueError(f'give either {arg("pretrained")} (the Hub\'s weights) or {arg("weights", "PATH")} (a file), '
                          f'not both.')
@@ -65,10 +65,9 @@ def load_model(
         try:
             model = timm.create_model(model_name, pretrained=True)
         except LocalEntryNotFoundError:  # huggingface_hub's message names neither the repository nor a way out
-            why = 'HF_HUB_OFFLINE is set' if constants.HF_HUB_OFFLINE else 'the Hub cannot be reached'
-            raise FileNotFoundError(
-                f'{model_name}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}), and {why}; go '
-                f'online once (unset HF_HUB_OFFLINE) to download it, or give a hub folder as local-dir:DIR.') from None
+            raise FileNotFoundError(hub_offline_message(
+                f'{model_name}: its weights', model_name[len('hf-hub:'):], None,
+                'give a hub folder as local-dir:DIR')) from None
         except RuntimeError as e:  # timm: 'Unknown model (...)' for an architecture it does not know
             raise ValueError(f'{model_name}: timm cannot build it ({e}).') from None
         return model.eval()

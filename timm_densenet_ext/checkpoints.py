@@ -1,5 +1,5 @@
-"""Checkpoint formats in: key filters applied while timm loads pretrained weights, and reading and verifying
-checkpoint files (torchvision, timm training checkpoints, safetensors) against an architecture."""
+"""Reading checkpoint files (torchvision, timm training checkpoints, safetensors) without running code, and verifying
+them against an architecture. The key mapping timm applies while loading is the model's `checkpoint_filter_fn`."""
 import argparse
 import pickle
 import re
@@ -11,29 +11,15 @@ import torch
 import torch.nn as nn
 
 from ._naming import arg
+from .models import checkpoint_filter_fn, default_cfgs, resolve_model_name
 
-__all__ = ['checkpoint_filter_fn', 'Checkpoint', 'read_checkpoint', 'model_from_checkpoint']
+__all__ = ['Checkpoint', 'read_checkpoint', 'model_from_checkpoint']
 
-# torchvision < 0.4 named dense-layer modules 'norm.1', 'relu.1', 'conv.1' where they are now 'norm1', ...
-_LEGACY_TV_KEY = re.compile(r'^(.*denselayer\d+\.(?:norm|relu|conv))\.([12])\.(weight|bias|running_mean|running_var)$')
 _DENSE_LAYER_KEY = re.compile(r'(^|\.)denseblock\d+\.denselayer\d+\.')
 
 # Entries of a training checkpoint that hold a state dict, in timm's order of preference (timm.models.load_state_dict).
 _EMA_ENTRIES = ('state_dict_ema', 'model_ema')
 _MODEL_ENTRIES = ('state_dict', 'model')
-
-
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Optional[nn.Module] = None) -> Dict[str, torch.Tensor]:
-    """Map torchvision (current and legacy), timm and DataParallel state-dict keys onto ours."""
-    out = {}
-    for key, value in state_dict.items():
-        if key.startswith('module.'):
-            key = key[len('module.'):]
-        match = _LEGACY_TV_KEY.match(key)
-        if match:
-            key = f'{match.group(1)}{match.group(2)}.{match.group(3)}'
-        out[key] = value
-    return out
 
 
 @dataclass(frozen=True)
@@ -47,7 +33,7 @@ class Checkpoint:
     @property
     def legacy_keys(self) -> bool:
         """Whether the keys use torchvision's pre-0.4 layout ('denselayer1.norm.1.weight')."""
-        return any(_LEGACY_TV_KEY.match(k) for k in self.state_dict)
+        return any(k not in self.state_dict for k in checkpoint_filter_fn(self.state_dict))
 
     def describe(self) -> str:
         """A few words on what was read: 'the EMA weights (`state_dict_ema`) of a training checkpoint'."""
@@ -195,7 +181,6 @@ def _diff_summary(model_name: str, missing, unexpected, mismatched) -> str:
 def _matching_variants(state_dict: Dict[str, torch.Tensor], num_classes: int, in_chans: int) -> List[str]:
     """The registered variants whose every tensor name and shape the state dict matches (built on the meta device)."""
     import timm
-    from .variants import default_cfgs
     found = []
     for arch in default_cfgs:
         if arch.startswith('tv_'):  # torchvision's names for the same shapes as densenet121, ...
@@ -220,7 +205,6 @@ def model_from_checkpoint(
     model in eval mode. Raises ValueError naming the file and what does not fit.
     """
     import timm
-    from .variants import default_cfgs, resolve_model_name
     arch, tag = resolve_model_name(model_name)
     cfg = default_cfgs[arch].cfgs[tag]
     if not isinstance(checkpoint, Checkpoint):

@@ -20,14 +20,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import BatchNormAct2d
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from .densenet import DenseBlock, DenseLayer, DenseNet, DenseTransition, check_input
+from ._fast import BufferedDenseBlock, bn_scale_shift, check_input
+from .densenet import DenseBlock, DenseLayer, DenseNet, DenseTransition
 
 __all__ = ['fuse_for_inference', 'FusedDenseNet']
 
 
-def _bn_scale_shift(norm: nn.Module, where: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel (scale, shift) of an eval-mode BatchNorm-ReLU; anything else cannot be folded."""
+def _check_foldable(norm: nn.Module, where: str) -> None:
+    """Raise ValueError unless `norm` is an eval-mode-foldable BatchNorm-ReLU."""
     if not isinstance(norm, BatchNormAct2d) or norm.running_mean is None or norm.running_var is None:
         raise ValueError(
             f'fuse_for_inference folds BatchNorm layers with running statistics; {where} is '
@@ -36,22 +38,28 @@ def _bn_scale_shift(norm: nn.Module, where: str) -> Tuple[torch.Tensor, torch.Te
         raise ValueError(
             f'fuse_for_inference folds BatchNorm followed by ReLU; {where} applies {type(norm.act).__name__}. '
             f'Use the model as it is for other activations.')
-    var, mean = norm.running_var.double(), norm.running_mean.double()
-    scale = torch.rsqrt(var + norm.eps)
-    if norm.weight is not None:
-        scale = scale * norm.weight.double()
-    shift = -mean * scale
-    if norm.bias is not None:
-        shift = shift + norm.bias.double()
-    return scale, shift
 
 
-def _conv_then_bn(conv: nn.Conv2d, norm: nn.Module, where: str) -> Tuple[torch.Tensor, torch.Tensor]:
+def _double(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.detach().double()
+
+
+def _scale_shift(norm: nn.Module, where: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (scale, shift) of an eval-mode BatchNorm-ReLU, in float64; anything else cannot be folded."""
+    _check_foldable(norm, where)
+    invstd = torch.rsqrt(norm.running_var.double() + norm.eps)
+    return bn_scale_shift(norm.running_mean.double(), invstd, _double(norm.weight), _double(norm.bias))
+
+
+def _conv_then_bn(
+        weight: torch.Tensor, bias: Optional[torch.Tensor], norm: nn.Module, where: str,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Weight and bias of `norm(conv(x))` before the ReLU, as one convolution (float64 until stored)."""
-    scale, shift = _bn_scale_shift(norm, where)
-    weight = conv.weight.double() * scale.view(-1, 1, 1, 1)
-    bias = shift if conv.bias is None else conv.bias.double() * scale + shift
-    return weight, bias
+    _check_foldable(norm, where)
+    weight, bias = fuse_conv_bn_weights(
+        weight.double(), _double(bias), norm.running_mean.double(), norm.running_var.double(), norm.eps,
+        _double(norm.weight), _double(norm.bias))
+    return weight.detach(), bias.detach()
 
 
 def _bn_relu_then_conv(
@@ -60,7 +68,7 @@ def _bn_relu_then_conv(
         where: str,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Clamp bounds, weight and bias with conv(relu(bn(x))) == conv'(clamp(x, lo, hi)) for a 1x1 `conv`."""
-    scale, shift = _bn_scale_shift(norm, where)
+    scale, shift = _scale_shift(norm, where)
     tau = -shift / torch.where(scale == 0, torch.ones_like(scale), scale)
     inf = torch.full_like(tau, float('inf'))
     lo = torch.where(scale > 0, tau, -inf)
@@ -104,36 +112,30 @@ class _FusedDenseLayer(nn.Module):
         super().__init__()
         lo, hi, weight, bias = _bn_relu_then_conv(layer.norm1, layer.conv1, f'{where}.norm1')
         # norm2 follows conv1: fold it into conv1's weight and bias as well
-        scale, shift = _bn_scale_shift(layer.norm2, f'{where}.norm2')
-        weight, bias = weight * scale.view(-1, 1, 1, 1), bias * scale + shift
+        weight, bias = _conv_then_bn(weight, bias, layer.norm2, f'{where}.norm2')
         self.bottleneck = _ClampConv(lo, hi, weight, bias, pool=nn.Identity(), relu=True, like=layer.conv1.weight)
         self.register_buffer('weight', layer.conv2.weight.detach().clone().contiguous(memory_format=memory_format))
         self.dilation = layer.conv2.dilation[0]  # output_stride < 32 dilates the later blocks
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_inference(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(self.bottleneck(x), self.weight, None, 1, self.dilation, self.dilation)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_inference(x)
 
-class _FusedDenseBlock(nn.Module):
-    """Dense layers writing into one preallocated tensor."""
+
+class _FusedDenseBlock(BufferedDenseBlock):
+    """Fused dense layers (named as the block's) writing into one preallocated tensor."""
 
     def __init__(self, block: DenseBlock, where: str, memory_format: torch.memory_format) -> None:
         super().__init__()
         self.growth_rate = block.growth_rate
-        self.layers = nn.ModuleList([
-            _FusedDenseLayer(layer, f'{where}.{name}', memory_format) for name, layer in block.items()])
+        self.num_layers = block.num_layers
+        for name, layer in block.items():
+            self.add_module(name, _FusedDenseLayer(layer, f'{where}.{name}', memory_format))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        buf = torch.empty(
-            [n, c + len(self.layers) * self.growth_rate, h, w], dtype=x.dtype, device=x.device,
-            memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        buf[:, :c].copy_(x)
-        for layer in self.layers:
-            buf[:, c:c + self.growth_rate].copy_(layer(buf[:, :c]))
-            c += self.growth_rate
-        return buf
+        return self.forward_into_buffer(x)
 
 
 class _FusedStemConv(nn.Module):
@@ -145,7 +147,7 @@ class _FusedStemConv(nn.Module):
         if norm is None:
             weight, bias = conv.weight.detach().double(), torch.zeros(conv.out_channels, dtype=torch.float64)
         else:
-            weight, bias = _conv_then_bn(conv, norm, where)
+            weight, bias = _conv_then_bn(conv.weight, conv.bias, norm, where)
         dd = dict(device=conv.weight.device, dtype=conv.weight.dtype)
         self.register_buffer('weight', weight.to(**dd).contiguous(memory_format=memory_format))
         self.register_buffer('bias', bias.to(**dd))
@@ -198,7 +200,7 @@ class FusedDenseNet(nn.Module):
             elif not name.startswith('norm'):
                 raise ValueError(f'fuse_for_inference does not know the module {where} ({type(m).__name__}).')
         assert norm5 is not None
-        scale, shift = _bn_scale_shift(norm5, 'features.norm5')
+        scale, shift = _scale_shift(norm5, 'features.norm5')
         self.stem = nn.Sequential(*stem)
         self.stages = nn.Sequential(*stages)
         dd = dict(device=dev, dtype=model.features.conv0.weight.dtype)

@@ -1,0 +1,28 @@
+"""The model layer: the DenseNet family registered with timm, its fused inference copy and detection backbones.
+
+Importing it registers every variant with timm; `fused` and `detection` load on first use. Nothing here imports
+from the rest of the package.
+"""
+from typing import Tuple
+
+from timm.models import split_model_name_tag
+
+from .densenet import *  # noqa: F401,F403 (registers the variants)
+from .densenet import DenseNet, default_cfgs
+
+__all__ = ['DenseNet', 'DenseLayer', 'DenseBlock', 'DenseTransition', 'AtrousAvgPool2d', 'default_cfgs',
+           'checkpoint_filter_fn', 'MODEL_NAMES', 'resolve_model_name']
+
+MODEL_NAMES = tuple(default_cfgs)
+
+
+def resolve_model_name(model_name: str) -> Tuple[str, str]:
+    """(arch, tag) of a registered 'arch' (its default tag) or 'arch.tag'; a ValueError says what exists."""
+    arch, tag = split_model_name_tag(model_name)
+    if arch not in default_cfgs:
+        raise ValueError(
+            f'unknown model {model_name!r}; `timm-densenet-ext list` shows the {len(default_cfgs)} variants.')
+    tags = default_cfgs[arch].tags
+    if tag and tag not in tags:
+        raise ValueError(f'unknown pretrained tag {tag!r} for {arch}; its tags are: {", ".join(tags)}.')
+    return arch, tag or tags[0]
