@@ -398,7 +398,7 @@ def test_fx_in_every_grad_mode_equals_eager(name, trace_mode):
     features_only with feature_cls='fx'), the graph computes exactly what the eager model does, in train and eval
     mode and in every grad mode, BatchNorm statistics updates included. The weights and statistics change after
     tracing: the graph reads them when it runs, none is frozen into it."""
-    from timm.models._features_fx import create_feature_extractor, get_graph_node_names
+    from timm.models import create_feature_extractor, get_graph_node_names
     from torchvision.models import feature_extraction as tv_fx
     model = _seeded(name, False)
     tap = model.feature_info[1]['module']

@@ -9,9 +9,10 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+from timm.models import get_pretrained_cfg
 
 from ._naming import arg
-from .models import checkpoint_filter_fn, default_cfgs, resolve_model_name
+from .models import MODEL_NAMES, checkpoint_filter_fn, resolve_model_name
 
 __all__ = ['Checkpoint', 'read_checkpoint', 'model_from_checkpoint']
 
@@ -182,7 +183,7 @@ def _matching_variants(state_dict: Dict[str, torch.Tensor], num_classes: int, in
     """The registered variants whose every tensor name and shape the state dict matches (built on the meta device)."""
     import timm
     found = []
-    for arch in default_cfgs:
+    for arch in MODEL_NAMES:
         if arch.startswith('tv_'):  # torchvision's names for the same shapes as densenet121, ...
             continue
         with torch.device('meta'):
@@ -206,7 +207,7 @@ def model_from_checkpoint(
     """
     import timm
     arch, tag = resolve_model_name(model_name)
-    cfg = default_cfgs[arch].cfgs[tag]
+    cfg = get_pretrained_cfg(f'{arch}.{tag}')
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = read_checkpoint(checkpoint)
     path = checkpoint.path

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch.nn as nn
+from timm.models import get_arch_pretrained_cfgs, get_pretrained_cfg
 
 from ._naming import arg
-from .models import default_cfgs, resolve_model_name
+from .models import resolve_model_name
 from .models.densenet import hub_offline_message
 
 __all__ = ['HUB_PREFIXES', 'load_model', 'model_card_name', 'registered_name', 'weights_repo_id']
@@ -73,7 +74,7 @@ def load_model(
         return model.eval()
 
     arch, tag = resolve_model_name(model_name)
-    if pretrained and not default_cfgs[arch].cfgs[tag].has_weights:
+    if pretrained and not get_pretrained_cfg(f'{arch}.{tag}').has_weights:
         raise ValueError(
             f'{model_name}: has no pretrained weights; leave out {arg("pretrained")}, or give {arg("weights", "PATH")} '
             f'(a checkpoint file). `timm-densenet-ext list` shows which variants have them.')
@@ -85,7 +86,7 @@ def load_model(
                 f'{arg("weights", "PATH")}.')
         return model_from_checkpoint(weights, model_name)
     if require_weights and not pretrained:
-        hint = (f'{arg("pretrained")} (the Hub\'s weights), ' if default_cfgs[arch].cfgs[tag].has_weights else '')
+        hint = (f'{arg("pretrained")} (the Hub\'s weights), ' if get_pretrained_cfg(f'{arch}.{tag}').has_weights else '')
         raise ValueError(
             f'{model_name}: no weights given, so its outputs would be random; pass {hint}{arg("weights", "PATH")} '
             f'(a checkpoint file), or give a hub folder as the model, local-dir:DIR.')
@@ -102,7 +103,8 @@ def registered_name(architecture: str, tag: Optional[str] = None) -> str:
     """'arch.tag' for an architecture and the tag a pretrained config records; the variant's default tag when the
     recorded one is not among its own (a config saved from another model, or none)."""
     arch, default_tag = resolve_model_name(architecture)
-    return f'{arch}.{tag if tag in default_cfgs[arch].tags else default_tag}'
+    known = f'{arch}.{tag}' in get_arch_pretrained_cfgs(arch)
+    return f'{arch}.{tag if known else default_tag}'
 
 
 def weights_repo_id(
@@ -123,4 +125,4 @@ def weights_repo_id(
     if not pretrained:
         return None
     arch, tag = resolve_model_name(model_name)
-    return default_cfgs[arch].cfgs[tag].hf_hub_id or None
+    return get_pretrained_cfg(f'{arch}.{tag}').hf_hub_id or None

@@ -5,7 +5,7 @@ from the rest of the package.
 """
 from typing import Tuple
 
-from timm.models import split_model_name_tag
+from timm.models import get_arch_pretrained_cfgs, split_model_name_tag
 
 from .densenet import *  # noqa: F401,F403 (registers the variants)
 from .densenet import DenseNet, default_cfgs
@@ -22,7 +22,7 @@ def resolve_model_name(model_name: str) -> Tuple[str, str]:
     if arch not in default_cfgs:
         raise ValueError(
             f'unknown model {model_name!r}; `timm-densenet-ext list` shows the {len(default_cfgs)} variants.')
-    tags = default_cfgs[arch].tags
+    tags = [name.partition('.')[2] for name in get_arch_pretrained_cfgs(arch)]  # the default tag first
     if tag and tag not in tags:
         raise ValueError(f'unknown pretrained tag {tag!r} for {arch}; its tags are: {", ".join(tags)}.')
     return arch, tag or tags[0]
