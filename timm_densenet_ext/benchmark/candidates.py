@@ -58,11 +58,12 @@ def prepare(model_name: str, batch_size: int, img_size: int, device: str, dtype:
     amp_dtype = {'float32': None, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
     autocast = (lambda: torch.autocast(dev.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     torch.manual_seed(seed)
-    state = randomize_(timm.create_model(model_name), seed).state_dict()
+    model = randomize_(timm.create_model(model_name), seed)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch_size, 3, img_size, img_size, generator=gen).to(dev)
-    target = torch.randint(0, 1000, (batch_size,), generator=gen).to(dev)
-    return BenchSetup(model_name, dev, autocast, amp_dtype, state, x, target, reference_builders(model_name))
+    target = torch.randint(0, model.num_classes, (batch_size,), generator=gen).to(dev)
+    references = reference_builders(model_name)
+    return BenchSetup(model_name, dev, autocast, amp_dtype, model.state_dict(), x, target, references)
 
 
 # --- the networks: variant -> an untrained module; the step builders load the shared weights ----------------------
@@ -86,12 +87,12 @@ def _loaded(setup: BenchSetup, network: nn.Module) -> nn.Module:
     return network.to(setup.device)
 
 
-# --- the steps: a network -> one inference batch or one training step ----------------------------------------------
-
 def _fused(model: nn.Module) -> nn.Module:
     from ..fused import fuse_for_inference
     return fuse_for_inference(model)
 
+
+# --- the steps: a network -> one inference batch or one training step ----------------------------------------------
 
 def _inference(network: Callable[..., nn.Module], convert: Optional[Callable[[nn.Module], nn.Module]] = None,
                channels_last: bool = False, compiled: bool = False) -> Callable[[BenchSetup], Step]:
