@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from timm_densenet_ext import cli
-from timm_densenet_ext.benchmark import format_table, peak_memory
+from timm_densenet_ext.benchmark import CANDIDATES, format_table, peak_memory, run_benchmark
+from timm_densenet_ext.benchmark.candidates import prepare, select
 
 INFERENCE = ['timm', 'timm channels_last', 'torchvision', 'ours', 'ours fused']
 TRAIN = ['timm', 'timm memory_efficient', 'torchvision', 'torchvision memory_efficient', 'ours',
@@ -78,3 +79,26 @@ def test_peak_memory_probe_in_its_own_process():
 def test_a_hanging_memory_probe_is_stopped():
     with pytest.raises(RuntimeError, match=r'took over 1 s; .*--no-memory'):
         peak_memory('train', 'ours', 'densenet121', batch_size=2, img_size=64, repeats=1, timeout=1)
+
+
+def test_candidates_table():
+    """One table: its order is the results' order; compiled entries only when compiling, and never re-built (and
+    compiled again) in a memory probe."""
+    setup = prepare('densenet121', 1, 32, 'cpu', 'float32', 0)
+    assert [c.name for c in select('inference', setup, compile=False)] == INFERENCE
+    assert [c.name for c in select('train', setup, compile=True)] == TRAIN
+    assert [c.name for c in select('inference', setup, compile=True)] == [
+        'timm', 'timm channels_last', 'timm channels_last compiled', 'torchvision', 'ours', 'ours fused',
+        'ours fused compiled']
+    assert all(not c.memory_probe for c in CANDIDATES if c.compiled)
+
+
+def test_a_variant_timm_lacks_is_measured_alone():
+    """The CIFAR variants have no timm or torchvision twin: ours alone, nothing to compare with, labels within the
+    variant's 100 classes."""
+    result = run_benchmark('densenet_bc_100_k12', batch_size=2, img_size=32, repeats=1, compile=False, memory=False,
+                           log=lambda s: None)
+    assert [(r['mode'], r['name']) for r in result['results']] == [
+        ('inference', 'ours'), ('inference', 'ours fused'), ('train', 'ours'), ('train', 'ours memory_efficient')]
+    assert all(r['speedup_vs_timm'] is None and r['max_rel_diff_vs_timm'] is None for r in result['results'])
+    assert '| inference | ours fused | ' in format_table(result)

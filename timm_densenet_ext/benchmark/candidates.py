@@ -1,0 +1,179 @@
+"""The implementations measured side by side: one table, `CANDIDATES`, in the order the results list them.
+
+A candidate is a name, a mode ('inference' or 'train') and a builder that turns the shared `BenchSetup` (the same
+random weights and the same input for everyone) into a `Step`: a call running one inference batch or one training
+step. A new peer is a new entry.
+"""
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ['BenchSetup', 'Candidate', 'CANDIDATES', 'REFERENCE', 'prepare', 'candidate', 'select', 'workloads']
+
+REFERENCE = 'timm'  # the candidate every ratio is against, in each mode
+
+Step = Callable[[], Any]
+
+
+@dataclass
+class BenchSetup:
+    """What every candidate is given: the variant, the device, autocast, the shared weights, one batch and labels."""
+    model_name: str
+    device: torch.device
+    autocast: Callable[[], ContextManager]
+    amp_dtype: Optional[torch.dtype]
+    state: Dict[str, torch.Tensor]
+    x: torch.Tensor
+    target: torch.Tensor
+    references: Dict[str, Callable[..., nn.Module]]  # 'timm', 'torchvision' -> constructor, where the variant has one
+
+
+def _always(setup: BenchSetup) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One implementation in one mode, and how to build its step."""
+    name: str
+    mode: str  # 'inference' or 'train'
+    build: Callable[[BenchSetup], Step]
+    available: Callable[[BenchSetup], bool] = _always  # False: not measured for this variant
+    compiled: bool = False  # built with torch.compile: measured only when compiling is asked for
+    memory_probe: bool = True  # False: building it again in a probe process would cost minutes
+
+
+def prepare(model_name: str, batch_size: int, img_size: int, device: str, dtype: str, seed: int) -> BenchSetup:
+    """The shared random weights (seeded), an input batch and its labels on `device`, autocast for `dtype`."""
+    import timm
+    import timm_densenet_ext  # noqa: F401  (registers the variants)
+    from ..parity import randomize_, reference_builders
+    dev = torch.device(device)
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError('--device cuda asked for, but torch sees no CUDA GPU; use --device cpu.')
+    amp_dtype = {'float32': None, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    autocast = (lambda: torch.autocast(dev.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    torch.manual_seed(seed)
+    model = randomize_(timm.create_model(model_name), seed)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch_size, 3, img_size, img_size, generator=gen).to(dev)
+    target = torch.randint(0, model.num_classes, (batch_size,), generator=gen).to(dev)
+    references = reference_builders(model_name)
+    return BenchSetup(model_name, dev, autocast, amp_dtype, model.state_dict(), x, target, references)
+
+
+# --- the networks: variant -> an untrained module; the step builders load the shared weights ----------------------
+
+def _timm(setup: BenchSetup, **kwargs: Any) -> nn.Module:
+    """timm's built-in DenseNet; its memory-efficient mode is set through set_grad_checkpointing."""
+    return setup.references['timm']()
+
+
+def _torchvision(setup: BenchSetup, **kwargs: Any) -> nn.Module:
+    return setup.references['torchvision'](**kwargs)
+
+
+def _ours(setup: BenchSetup, **kwargs: Any) -> nn.Module:
+    import timm
+    return timm.create_model(setup.model_name, **kwargs)
+
+
+def _loaded(setup: BenchSetup, network: nn.Module) -> nn.Module:
+    network.load_state_dict(setup.state)
+    return network.to(setup.device)
+
+
+def _fused(model: nn.Module) -> nn.Module:
+    from ..models.fused import fuse_for_inference
+    return fuse_for_inference(model)
+
+
+# --- the steps: a network -> one inference batch or one training step ----------------------------------------------
+
+def _inference(network: Callable[..., nn.Module], convert: Optional[Callable[[nn.Module], nn.Module]] = None,
+               channels_last: bool = False, compiled: bool = False) -> Callable[[BenchSetup], Step]:
+    """Builder of an inference step in eval mode: the network, `convert`ed, channels-last (model and input),
+    torch.compile'd."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def build(setup: BenchSetup) -> Step:
+        model = _loaded(setup, network(setup)).eval()
+        if convert is not None:
+            model = convert(model)
+        if channels_last:
+            model = model.to(memory_format=memory_format)
+        if compiled:
+            model = torch.compile(model)
+        x = setup.x.contiguous(memory_format=memory_format)
+        return lambda: _infer(model, x, setup.autocast)
+    return build
+
+
+def _training(network: Callable[..., nn.Module], memory_efficient: bool) -> Callable[[BenchSetup], Step]:
+    """Builder of a training step (SGD with momentum), with or without the memory-efficient mode."""
+    def build(setup: BenchSetup) -> Step:
+        model = network(setup, memory_efficient=memory_efficient)
+        model.load_state_dict(setup.state)
+        if hasattr(model, 'set_grad_checkpointing'):
+            model.set_grad_checkpointing(memory_efficient)
+        model = model.to(setup.device).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        return lambda: _train_step(model, opt, setup.x, setup.target, setup.autocast)
+    return build
+
+
+def _infer(model: nn.Module, x: torch.Tensor, autocast: Callable[[], ContextManager]) -> torch.Tensor:
+    with torch.inference_mode(), autocast():
+        return model(x)
+
+
+def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, target: torch.Tensor,
+                autocast: Callable[[], ContextManager]) -> None:
+    with autocast():
+        loss = F.cross_entropy(model(x), target)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def _has(reference: str) -> Callable[[BenchSetup], bool]:
+    """Available where the variant has an implementation in `reference` ('timm', 'torchvision')."""
+    return lambda setup: reference in setup.references
+
+
+CANDIDATES: List[Candidate] = [
+    Candidate('timm', 'inference', _inference(_timm), _has('timm')),
+    Candidate('timm channels_last', 'inference', _inference(_timm, channels_last=True), _has('timm')),
+    Candidate('timm channels_last compiled', 'inference', _inference(_timm, channels_last=True, compiled=True),
+              _has('timm'), compiled=True, memory_probe=False),
+    Candidate('torchvision', 'inference', _inference(_torchvision), _has('torchvision')),
+    Candidate('ours', 'inference', _inference(_ours)),
+    Candidate('ours fused', 'inference', _inference(_ours, _fused)),
+    Candidate('ours fused compiled', 'inference', _inference(_ours, _fused, compiled=True),
+              compiled=True, memory_probe=False),
+    Candidate('timm', 'train', _training(_timm, False), _has('timm')),
+    Candidate('timm memory_efficient', 'train', _training(_timm, True), _has('timm')),
+    Candidate('torchvision', 'train', _training(_torchvision, False), _has('torchvision')),
+    Candidate('torchvision memory_efficient', 'train', _training(_torchvision, True), _has('torchvision')),
+    Candidate('ours', 'train', _training(_ours, False)),
+    Candidate('ours memory_efficient', 'train', _training(_ours, True)),
+]
+
+
+def select(mode: str, setup: BenchSetup, compile: bool) -> List[Candidate]:
+    """The candidates of `mode` measured for this variant, in table order (the compiled ones only if `compile`)."""
+    return [c for c in CANDIDATES if c.mode == mode and c.available(setup) and (compile or not c.compiled)]
+
+
+def candidate(mode: str, name: str) -> Candidate:
+    """The table's entry `name` in `mode`."""
+    return next(c for c in CANDIDATES if c.mode == mode and c.name == name)
+
+
+def workloads(mode: str, setup: BenchSetup, compile: bool, only: Optional[str] = None) -> Dict[str, Step]:
+    """name -> the step of each candidate of `mode` (or of candidate `only`), built now."""
+    return {c.name: c.build(setup) for c in select(mode, setup, compile) if only is None or c.name == only}

@@ -1,0 +1,112 @@
+"""`timm-densenet-ext benchmark` (and `python -m timm_densenet_ext.benchmark`): its arguments, the run, its files."""
+import argparse
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+__all__ = ['add_arguments', 'run_from_args', 'main']
+
+RESULT_FILES = ('benchmark.json', 'benchmark.png')
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument('-m', '--model', default='densenet121', metavar='MODEL',
+                   help='variant to measure (default densenet121)')
+    p.add_argument('-b', '--batch-size', type=int, default=16, metavar='B', help='images per batch (default 16)')
+    p.add_argument('--img-size', type=int, default=224, metavar='PX', help='input height and width (default 224)')
+    p.add_argument('--repeats', type=int, default=5, help='interleaved rounds; the median counts (default 5)')
+    p.add_argument('--device', default='cpu', help="'cpu' or 'cuda'")
+    p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16', 'float16'),
+                   help='float32, or autocast to bfloat16/float16')
+    p.add_argument('--no-train', dest='train', action='store_false', help='inference only')
+    p.add_argument('--no-compile', dest='compile', action='store_false', help='skip the torch.compile candidates')
+    p.add_argument('--output', '--out', dest='output', default=None, metavar='DIR',
+                   help='folder for benchmark.json and benchmark.png (default: print the table only)')
+    p.add_argument('--force', action='store_true', help='replace benchmark.json/.png already in --output')
+    p.add_argument('--no-memory', dest='memory', action='store_false', help='skip the peak-memory measurements')
+
+
+def _exists_message(path: str) -> str:
+    from .._naming import arg
+    return f'{path} exists; pass {arg("force")} to replace it, or choose another {arg("out", "DIR")}.'
+
+
+def _claim_outputs(stack: contextlib.ExitStack, output: Optional[str], force: bool) -> List[str]:
+    """The result files' paths in `output` (none without one), claimed until `stack` closes; existing ones refused
+    unless `force`."""
+    from .._files import claim
+    if not output:
+        return []
+    os.makedirs(output, exist_ok=True)
+    paths = [os.path.join(output, n) for n in RESULT_FILES]
+    for path in paths:  # held from the check to the write: a second run into the same folder is refused
+        stack.enter_context(claim(path))
+    existing = [p for p in paths if os.path.exists(p)]
+    if existing and not force:
+        raise FileExistsError(_exists_message(existing[0]))
+    return paths
+
+
+def _write_file(path: str, write: Callable[[str], None], force: bool) -> None:
+    """`write` a temporary file beside `path`, then move it into place (every file the benchmark writes)."""
+    from .._files import move_into_place
+    tmp = f'{path}.tmp-{os.getpid()}'
+    try:
+        write(tmp)
+        move_into_place(tmp, Path(path), force, _exists_message(path))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _write_results(result: Dict[str, Any], paths: List[str], force: bool) -> None:
+    from .chart import write_chart
+
+    def write_json(tmp: str) -> None:
+        with open(tmp, 'w') as f:
+            json.dump(result, f, indent=2)
+    _write_file(paths[0], write_json, force)
+    _write_file(paths[1], lambda tmp: write_chart(result, tmp), force)
+
+
+def run_from_args(args: argparse.Namespace) -> Dict[str, Any]:
+    """What `timm-densenet-ext benchmark` and benchmarks/benchmark.py do: run, print the table, write the files."""
+    from ..models import resolve_model_name
+    from .measure import run_benchmark
+    from .table import format_table
+    resolve_model_name(args.model)  # an unknown model is a ValueError before anything is measured
+    with contextlib.ExitStack() as stack:
+        paths = _claim_outputs(stack, args.output, args.force)
+        result = run_benchmark(
+            args.model, args.batch_size, args.img_size, args.repeats, args.device, args.dtype, args.train,
+            args.compile, args.memory, log=lambda s: print(s, file=sys.stderr, flush=True))
+        result['command'] = 'timm-densenet-ext benchmark ' + ' '.join(
+            sys.argv[2:] if sys.argv[1:2] == ['benchmark'] else sys.argv[1:])
+        print(format_table(result))
+        if paths:
+            _write_results(result, paths, args.force)
+            print(f'\nwrote {paths[0]} and {paths[1]}')
+    return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .. import benchmark
+    from .memory import probe
+    p = argparse.ArgumentParser(prog='benchmark', description=benchmark.__doc__.split('\n\n')[0])
+    add_arguments(p)
+    p.add_argument('--memory-probe', default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.memory_probe:  # one candidate's peak memory, in the process peak_memory started
+        mode, name = args.memory_probe.split(':', 1)
+        peak = probe(mode, name, args.model, args.batch_size, args.img_size, args.device, args.dtype, 0, args.repeats)
+        print(json.dumps(dict(peak_bytes=peak)))
+        return 0
+    try:
+        run_from_args(args)
+    except (ValueError, OSError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    return 0
