@@ -93,9 +93,9 @@ def run_from_args(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .. import benchmark
     from .memory import probe
-    p = argparse.ArgumentParser(prog='benchmark', description=benchmark.__doc__.split('\n\n')[0])
+    package_doc = sys.modules[__package__].__doc__  # the package is loaded before any of its modules
+    p = argparse.ArgumentParser(prog='benchmark', description=package_doc.split('\n\n')[0])
     add_arguments(p)
     p.add_argument('--memory-probe', default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
