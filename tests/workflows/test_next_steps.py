@@ -17,7 +17,7 @@ from timm_densenet_ext.demo import MODEL_FOLDER, next_steps
 from hub_fixtures import FakeHub
 from workflow_helpers import TINY_ARCH, tiny_hub_folder, write_image_folder
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 PYTHON_LINE = 'load it in Python: '
 
