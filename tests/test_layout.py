@@ -91,3 +91,24 @@ def test_the_cycle_check_finds_a_cycle(monkeypatch):
         assert 'timm_densenet_ext.a -> timm_densenet_ext.b -> timm_densenet_ext.a' in str(e)
     else:
         raise AssertionError('a cycle went unnoticed')
+
+
+def test_every_public_name_and_the_earlier_module_paths_still_work():
+    import importlib
+    for name in timm_densenet_ext.__all__:
+        assert getattr(timm_densenet_ext, name) is not None, name
+    from timm_densenet_ext.models import detection, fused
+    from timm_densenet_ext.models import densenet
+    from timm_densenet_ext import checkpoints, models
+    earlier = {  # module path of release 0.1.0 -> (a name it had, where that name lives now)
+        'densenet': ('DenseNet', densenet), 'variants': ('resolve_model_name', models),
+        'weights': ('read_checkpoint', checkpoints), 'fused': ('fuse_for_inference', fused),
+        'detection': ('fpn_backbone', detection),
+    }
+    for old, (name, new) in earlier.items():
+        module = importlib.import_module(f'timm_densenet_ext.{old}')
+        assert getattr(module, name) is getattr(new, name), old
+    from timm_densenet_ext.weights import checkpoint_filter_fn
+    from timm_densenet_ext.variants import CIFAR100_MEAN, default_cfgs
+    assert checkpoint_filter_fn is densenet.checkpoint_filter_fn and default_cfgs is densenet.default_cfgs
+    assert CIFAR100_MEAN == (0.5071, 0.4865, 0.4409)
