@@ -20,7 +20,8 @@ def test_list_table_and_json(capsys):
     rows = json.loads(capsys.readouterr().out)
     assert [r['name'] for r in rows] == list(timm_densenet_ext.MODEL_NAMES)
     by_name = {r['name']: r for r in rows}
-    assert by_name['densenet121']['params'] == 7_978_856 and round(by_name['densenet121']['gmacs'], 2) == 2.60  # timm: 2.83
+    assert by_name['densenet121']['params'] == 7_978_856
+    assert round(by_name['densenet121']['gmacs'], 2) == 2.60  # timm: 2.83
     assert by_name['densenet121']['pretrained_tags'] == ['ra_in1k', 'tv_in1k']
     assert by_name['densenet264d']['pretrained_tags'] == []
     assert by_name['densenet_bc_100_k12']['input_size'] == [3, 32, 32]
@@ -102,13 +103,15 @@ def test_every_option_has_help_and_timm_s_names():
      dict(model='densenet121', data_dir='d', output='o', batch_size=8)),
     (['finetune', '--model', 'densenet121', '--data', 'd', '--out', 'o', '--batch-size', '8'],
      dict(model='densenet121', data_dir='d', output='o', batch_size=8)),
-    (['export', '-m', 'densenet121', '--format', 'onnx', '--output', 'f.onnx'], dict(model='densenet121', output='f.onnx')),
+    (['export', '-m', 'densenet121', '--format', 'onnx', '--output', 'f.onnx'],
+     dict(model='densenet121', output='f.onnx')),
     (['export', 'densenet121', '--format', 'onnx', '--out', 'f.onnx'], dict(model='densenet121', output='f.onnx')),
     (['convert', '--checkpoint', 'c.pth', '-m', 'densenet121', '--output', 'o'],
      dict(checkpoint='c.pth', model='densenet121', output='o')),
     (['push', '-m', 'local-dir:some/folder', '--repo-id', 'a/b'], dict(model='local-dir:some/folder', repo_id='a/b')),
     (['push', 'some/folder', '--repo-id', 'a/b'], dict(model='some/folder', repo_id='a/b')),
-    (['benchmark', '-m', 'densenet169', '-b', '2', '--output', 'o'], dict(model='densenet169', batch_size=2, output='o')),
+    (['benchmark', '-m', 'densenet169', '-b', '2', '--output', 'o'],
+     dict(model='densenet169', batch_size=2, output='o')),
     (['card', '-m', 'densenet121.tv_in1k', '--output', 'c.md'], dict(model='densenet121.tv_in1k', output='c.md')),
     (['demo', '--output', 'o'], dict(output='o')),
 ])
@@ -124,9 +127,10 @@ def test_timm_grammar_and_earlier_aliases_parse_alike(argv, expected, monkeypatc
 def test_version_and_usage_errors(capsys):
     with pytest.raises(SystemExit) as exit:
         main(['--version'])
-    assert exit.value.code == 0 and capsys.readouterr().out.strip() == f'timm-densenet-ext {timm_densenet_ext.__version__}'
-    for argv in (['info'], ['info', '-m', 'densenet121', 'densenet169'], ['export', '--format', 'onnx', '--output', 'x'],
-                 ['predict', 'only-one.png']):
+    assert exit.value.code == 0
+    assert capsys.readouterr().out.strip() == f'timm-densenet-ext {timm_densenet_ext.__version__}'
+    for argv in (['info'], ['info', '-m', 'densenet121', 'densenet169'],
+                 ['export', '--format', 'onnx', '--output', 'x'], ['predict', 'only-one.png']):
         with pytest.raises(SystemExit) as exit:
             main(argv)
         assert exit.value.code == 2
@@ -172,3 +176,11 @@ def test_every_argument_an_error_names_is_a_flag_of_the_cli():
         named = {n: arg(n).split()[0] for n in names}
     assert {n: f for n, f in named.items() if f not in flags} == {}
     assert arg('force') == 'force=True' and arg('weights', 'PATH') == 'weights=PATH'  # outside the CLI: Python's
+
+
+def test_every_flag_the_errors_may_name_is_a_flag_of_the_cli():
+    """`_naming.FLAGS` (Python argument -> flag) and the parser's options name the same flags."""
+    from timm_densenet_ext._naming import FLAGS
+    _, commands = _subcommands()
+    flags = {s for p in commands.values() for a in p._actions for s in a.option_strings}
+    assert set(FLAGS.values()) - flags == set()

@@ -70,7 +70,8 @@ def test_the_reloaded_hub_folder_measures_what_training_measured(demo_run):
     assert f'({trained_correct})' in reloaded  # the same images right, after the round trip through the folder
     assert int(trained_correct.split('/')[0]) > 36  # better than chance (10 classes), even after one epoch
 
-    assert [name for name, _ in upload_files(out / demo.MODEL_FOLDER)] == ['README.md', 'config.json', 'model.safetensors']
+    files = [name for name, _ in upload_files(out / demo.MODEL_FOLDER)]
+    assert files == ['README.md', 'config.json', 'model.safetensors']
     config = json.loads((out / demo.MODEL_FOLDER / 'config.json').read_text())
     assert config['architecture'] == demo.DEMO_MODEL and config['label_names'] == [str(d) for d in range(10)]
     card = ModelCard.load(out / demo.MODEL_FOLDER / 'README.md')

@@ -92,6 +92,17 @@ def next_steps(out_dir: Path, model_dir: Path, example: Path, tool: str = 'timm-
     ]
 
 
+def _reloaded_accuracy(model_dir: Path, val_dir: Path, progress: Optional[bool] = None,
+                       threads: Optional[int] = None) -> Tuple[int, int]:
+    """The hub folder loaded back the way anyone would load it, and measured on `val_dir`: (correct, total)."""
+    import timm
+    import timm_densenet_ext  # noqa: F401  (registers the variants, for 'local-dir:' folders naming them)
+    reloaded = timm.create_model(f'local-dir:{model_dir}', pretrained=True)
+    data_config = timm.data.resolve_data_config(model=reloaded)
+    val_set = image_dataset(val_dir, timm.data.create_transform(**data_config))
+    return evaluate(reloaded, val_set, progress=progress, threads=threads)
+
+
 @claims_output('out_dir')
 def run_demo(
         out_dir: Union[str, Path] = 'densenet-demo',
@@ -102,15 +113,13 @@ def run_demo(
         threads: Optional[int] = None,
         **recipe,
 ) -> DemoResult:
-    """Run the demo into `out_dir`: data/ (the digits as an image folder) and densenet_bc_100_k12.digits/ (the hub folder).
+    """Run the demo into `out_dir`: data/ (the digits as an image folder) and densenet_bc_100_k12.digits/ (the hub
+    folder).
 
-    Existing data/ or densenet_bc_100_k12.digits/ folders in `out_dir` are replaced only with `force`; nothing else there is touched.
-    `recipe` overrides `DEMO_RECIPE` (fewer epochs for a quick check). `threads`: CPU threads for torch (default:
-    `finetune.choose_threads`, one for these 8 px images). Returns a `DemoResult`.
+    Existing data/ or densenet_bc_100_k12.digits/ folders in `out_dir` are replaced only with `force`; nothing else
+    there is touched. `recipe` overrides `DEMO_RECIPE` (fewer epochs for a quick check). `threads`: CPU threads for
+    torch (default: `finetune.choose_threads`, one for these 8 px images). Returns a `DemoResult`.
     """
-    import timm
-    import timm_densenet_ext  # noqa: F401  (registers the variants, for 'local-dir:' folders naming them)
-
     started = time.perf_counter()
     out_dir = Path(out_dir)
     data_dir, model_dir = out_dir / 'data', out_dir / MODEL_FOLDER
@@ -131,12 +140,7 @@ def run_demo(
             "scikit-learn's handwritten digits (`sklearn.datasets.load_digits`: 1,797 8x8 grey images of the "
             'digits 0-9 from the UCI repository), written as an image folder with a stratified 80/20 split, seed 0'),
         **{**DEMO_RECIPE, **recipe})
-
-    # the hub folder, loaded back the way anyone would load it, and measured again on the same images
-    reloaded = timm.create_model(f'local-dir:{model_dir}', pretrained=True)
-    data_config = timm.data.resolve_data_config(model=reloaded)
-    val_set = image_dataset(data_dir / 'val', timm.data.create_transform(**data_config))
-    correct, total = evaluate(reloaded, val_set, progress=progress, threads=threads)
+    correct, total = _reloaded_accuracy(model_dir, data_dir / 'val', progress=progress, threads=threads)
     seconds = time.perf_counter() - started
 
     log(f"reloaded timm.create_model('local-dir:{model_dir}', pretrained=True): validation accuracy "

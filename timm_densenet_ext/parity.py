@@ -11,8 +11,6 @@ import torch.nn as nn
 
 __all__ = ['reference_builders', 'randomize_', 'compare', 'main']
 
-_TV_ARCH = {'121': 'densenet121', '161': 'densenet161', '169': 'densenet169', '201': 'densenet201'}
-
 
 def reference_builders(name: str) -> Dict[str, Callable[[], nn.Module]]:
     """Constructors of the independent implementations of variant `name` ('timm', 'torchvision'), if any."""
@@ -24,8 +22,8 @@ def reference_builders(name: str) -> Dict[str, Callable[[], nn.Module]]:
         refs['timm'] = getattr(timm_densenet, arch)
     elif arch == 'densenet121d':  # timm has no such variant, but its DenseNet class builds the same network
         refs['timm'] = lambda: timm_densenet.DenseNet(growth_rate=32, block_config=(6, 12, 24, 16), stem_type='deep')
-    if arch in _TV_ARCH.values():
-        refs['torchvision'] = getattr(torchvision.models, arch)
+    if arch in torchvision.models.list_models(module=torchvision.models):  # its classification models
+        refs['torchvision'] = torchvision.models.get_model_builder(arch)
     return refs
 
 
@@ -75,7 +73,7 @@ def compare(name: str, img_sizes: Sequence[int] = (64, 224), batch_size: int = 2
     return results
 
 
-def main(argv=None) -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
     import timm_densenet_ext
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--sizes', type=int, nargs='+', default=[64, 224])
