@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .variants import default_cfgs, resolve_model_name
+from .models import default_cfgs, resolve_model_name
 
 __all__ = ['ModelStats', 'model_stats', 'measure', 'list_models_table', 'model_info']
 
