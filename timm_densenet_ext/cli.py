@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
-from ._naming import cli_style, program
+from ._naming import add_option as _option, cli_style, program
 from .stats import list_models_table, model_info
 
 __all__ = ['main', 'CliError', 'list_models_table', 'model_info']
@@ -24,48 +24,9 @@ class CliError(Exception):
     """A problem with the user's input: printed as one line, exit code 2."""
 
 
-# ---- the options, each declared once: its flags (timm's scripts' name first, then this tool's earlier names) and
-# argparse settings; a subcommand adds the ones it takes, with what they mean there. `_naming.FLAGS` names the same
-# flags in the library's errors.
-
-_OPTIONS: Dict[str, Tuple[Tuple[str, ...], Dict[str, Any]]] = {
-    'model': (('-m', '--model'), dict(metavar='MODEL')),
-    'checkpoint': (('--checkpoint', '--weights'), dict(metavar='PATH')),
-    'output': (('--output', '--out'), {}),
-    'data_dir': (('--data-dir', '--data'), dict(metavar='DIR')),
-    'batch_size': (('-b', '--batch-size'), dict(type=int, metavar='B')),
-    'img_size': (('--img-size',), dict(type=int, metavar='PX')),
-    'topk': (('--topk', '--top-k'), dict(type=int, metavar='K')),
-    'epochs': (('--epochs',), dict(type=int, metavar='N')),
-    'threads': (('--threads',), dict(type=int, metavar='N', help=(
-        "torch's CPU threads (default: chosen for the work, one for small images; OMP_NUM_THREADS keeps torch's "
-        'own)'))),
-    'repo_id': (('--repo-id',), dict(metavar='ORG/NAME')),
-    'force': (('--force',), dict(action='store_true')),
-    'json': (('--json',), dict(action='store_true', help='print JSON instead of text')),
-    # what the user states about the weights, for their card; nothing is assumed
-    'base_model': (('--base-model',), dict(metavar='REPO|TAG', help=(
-        'the Hub repository (ORG/NAME) or published tag (densenet121.ra_in1k) these weights were fine-tuned from; '
-        'stated in the card (default: not stated)'))),
-    'datasets': (('--dataset',), dict(action='append', metavar='ID', help=(
-        'a Hub dataset id the weights were trained on (imagenet-1k, ORG/NAME); repeat for several (default: not '
-        'stated)'))),
-    'license': (('--license',), dict(metavar='ID', help=(
-        "the weights' license as the Hub lists it (apache-2.0, mit, cc-by-4.0, other) (default: not stated)"))),
-    'weights_source': (('--weights-source',), dict(metavar='TEXT', help=(
-        'a sentence on where the weights come from, put in the card before the conversion note'))),
-}
-
 _MODEL_HELP = ('a variant (densenet121, densenet121.tv_in1k), or a hub folder local-dir:DIR (from convert or '
                'finetune), which brings its own weights and class names')
 _CARD_FACTS = ('base_model', 'datasets', 'license', 'weights_source')  # in _card_facts' order
-
-
-def _option(p: argparse._ActionsContainer, dest: str, help: Optional[str] = None, **settings: Any) -> None:
-    """Add option `dest` of `_OPTIONS` to `p`, with the help it has there (`help`: what it means in this subcommand);
-    `settings` override its argparse settings (default, required)."""
-    flags, defaults = _OPTIONS[dest]
-    p.add_argument(*flags, dest=dest, **{**defaults, **({} if help is None else dict(help=help)), **settings})
 
 
 def _add_model(p: argparse.ArgumentParser, help: str = _MODEL_HELP, positional: bool = True,

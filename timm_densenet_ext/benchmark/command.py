@@ -13,19 +13,19 @@ RESULT_FILES = ('benchmark.json', 'benchmark.png')
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument('-m', '--model', default='densenet121', metavar='MODEL',
-                   help='variant to measure (default densenet121)')
-    p.add_argument('-b', '--batch-size', type=int, default=16, metavar='B', help='images per batch (default 16)')
-    p.add_argument('--img-size', type=int, default=224, metavar='PX', help='input height and width (default 224)')
+    from .._naming import add_option
+    add_option(p, 'model', 'variant to measure (default densenet121)', default='densenet121')
+    add_option(p, 'batch_size', 'images per batch (default 16)', default=16)
+    add_option(p, 'img_size', 'input height and width (default 224)', default=224)
     p.add_argument('--repeats', type=int, default=5, help='interleaved rounds; the median counts (default 5)')
     p.add_argument('--device', default='cpu', help="'cpu' or 'cuda'")
     p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16', 'float16'),
                    help='float32, or autocast to bfloat16/float16')
     p.add_argument('--no-train', dest='train', action='store_false', help='inference only')
     p.add_argument('--no-compile', dest='compile', action='store_false', help='skip the torch.compile candidates')
-    p.add_argument('--output', '--out', dest='output', default=None, metavar='DIR',
-                   help='folder for benchmark.json and benchmark.png (default: print the table only)')
-    p.add_argument('--force', action='store_true', help='replace benchmark.json/.png already in --output')
+    add_option(p, 'output', 'folder for benchmark.json and benchmark.png (default: print the table only)',
+               default=None, metavar='DIR')
+    add_option(p, 'force', 'replace benchmark.json/.png already in --output')
     p.add_argument('--no-memory', dest='memory', action='store_false', help='skip the peak-memory measurements')
 
 
