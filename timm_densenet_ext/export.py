@@ -6,7 +6,6 @@ The file is written under a temporary name beside `out`, loaded back (onnxruntim
 `out`; an existing `out` is replaced only with `force`.
 """
 import inspect
-import secrets
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Callable, Dict, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ._files import claim, move_into_place
+from ._files import claim, writing
 from ._naming import arg
 from .loading import load_model
 
@@ -137,8 +136,7 @@ def _export_checked(model: nn.Module, fmt: str, out: Path, force: bool) -> Expor
     generator = torch.Generator().manual_seed(0)
     example = torch.randn((2, *input_size), generator=generator)
 
-    tmp = out.with_name(f'.{out.stem}.{secrets.token_hex(4)}.tmp{SUFFIXES[fmt]}')
-    try:
+    with writing(out, force=force, exists_message=_exists_message(out)) as tmp:
         with torch.no_grad():
             _EXPORTERS[fmt](model, example, tmp)
         run = load_exported(tmp, fmt)
@@ -155,8 +153,4 @@ def _export_checked(model: nn.Module, fmt: str, out: Path, force: bool) -> Expor
             raise RuntimeError(f'the exported {fmt} file differs from PyTorch by {max_diff:.2e} (more than '
                                f'{TOLERANCE:g}); nothing was written')
         size = tmp.stat().st_size
-        move_into_place(tmp, out, force, _exists_message(out))
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return ExportResult(out, fmt, input_size, max_diff, size)
