@@ -5,11 +5,12 @@ The file is written under a temporary name beside `out`, loaded back (onnxruntim
 `torch.export.load`), compared with the PyTorch model on random images at two batch sizes, and only then moved to
 `out`; an existing `out` is replaced only with `force`.
 """
+import contextlib
 import inspect
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Tuple, Union
+from typing import Callable, Dict, Iterator, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -51,9 +52,17 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
         dynamic_shapes=({0: batch},), dynamo=True, verbose=False, **one_file)
 
 
-def _export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> None:
-    with warnings.catch_warnings():  # torch deprecates TorchScript for torch.export, but deployments still use it
+@contextlib.contextmanager
+def _torchscript() -> Iterator[None]:
+    """Silence torch's FutureWarning on `torch.jit`: torch deprecates TorchScript for torch.export, but deployments
+    still use it."""
+    with warnings.catch_warnings():
         warnings.filterwarnings('ignore', category=FutureWarning, message=r'`torch\.jit')
+        yield
+
+
+def _export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    with _torchscript():
         torch.jit.save(torch.jit.script(model), str(path))
 
 
@@ -79,8 +88,7 @@ def load_exported(path: Union[str, Path], fmt: str) -> Callable[[torch.Tensor], 
         name = session.get_inputs()[0].name
         return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
     if fmt == 'torchscript':
-        with warnings.catch_warnings():
-            warnings.filterwarnings('ignore', category=FutureWarning, message=r'`torch\.jit')
+        with _torchscript():
             return torch.jit.load(path, map_location='cpu')
     if fmt == 'exported-program':
         return torch.export.load(path).module()
