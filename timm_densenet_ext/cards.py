@@ -294,12 +294,12 @@ def render_model_card(
         model_ref=card.name if card.own_repo else f'hf-hub:{card.repo_id}',
         aliases=_aliases(card),
         weights_source=weights.source,
-        published=weights.published,
+        published=card.published,
         base_model=base_model,
         dataset_text=weights.dataset_text,
         num_classes=card.cfg['num_classes'],
         license_id=weights.license,
-        origin_url=card.cfg.get('origin_url') if weights.published else None,
+        origin_url=card.cfg.get('origin_url') if card.published else None,
         papers=papers,
         labels=_label_source(card, weights.datasets),
         citations=[CITATIONS[c] for c in citations],
@@ -347,7 +347,6 @@ class _WeightsFacts:
     datasets: List[str]
     dataset_text: str
     license: Optional[str]
-    published: bool
 
 
 def _weights_facts(card: _Subject, weights_source: Optional[str], training: Optional[Dict[str, Any]],
@@ -371,7 +370,7 @@ def _weights_facts(card: _Subject, weights_source: Optional[str], training: Opti
                         f'{training["data_name"]} (see Training)' if training else 'not stated')
     if weights_source is None:
         weights_source = 'Where these weights come from is not stated.'
-    return _WeightsFacts(recipe, weights_source, datasets, dataset_text, license, card.published)
+    return _WeightsFacts(recipe, weights_source, datasets, dataset_text, license)
 
 
 def _card_data(card: _Subject, weights: _WeightsFacts, base_model: Optional[str], blur: bool,
