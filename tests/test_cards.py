@@ -29,6 +29,8 @@ from timm_densenet_ext.hub import convert_checkpoint
 from hub_fixtures import add_weights_to_hub_cache
 
 CARD_NAMES = cards.card_model_names()
+# the repository's committed cards (cards.CARD_DIR is where `card --all` writes, relative to the current folder)
+REPO_CARDS = Path(__file__).resolve().parent.parent / 'model_cards'
 
 # what the cards' code prints, as stated in its comments: a shape, a list of ints, or a bool
 _OUTPUT = r'(torch\.Size\(\[[\d, ]*\]\)|\[[\d, ]*\]|True|False)'
@@ -124,14 +126,14 @@ def test_a_newly_registered_tag_gets_a_card(monkeypatch):
 
 
 def test_card_folder_holds_the_template_and_one_card_per_tag():
-    files = {p.name for p in cards.CARD_DIR.iterdir() if p.is_file()}
+    files = {p.name for p in REPO_CARDS.iterdir() if p.is_file()}
     assert files == {'TEMPLATE.md'} | {f'{n}.md' for n in CARD_NAMES}, (
         'model_cards/ is out of date: run `timm-densenet-ext card --all --force` (and delete cards of removed tags)')
 
 
 @pytest.mark.parametrize('name', CARD_NAMES)
 def test_committed_card_is_what_the_code_renders(name):
-    committed = cards.card_path(name).read_text(encoding='utf-8')
+    committed = cards.card_path(name, REPO_CARDS).read_text(encoding='utf-8')
     assert committed == rendered(name), f'{name}: run `timm-densenet-ext card --all --force` and commit model_cards/'
 
 
@@ -146,7 +148,7 @@ def test_card_code_runs_offline_against_the_cards_repository(name, hub_cache, tm
     monkeypatch.chdir(tmp_path)
     write_image(tmp_path)
     classify, features, embed = check_card_code(
-        cards.card_path(name).read_text(encoding='utf-8'), weights, cfg.num_classes, name)
+        cards.card_path(name, REPO_CARDS).read_text(encoding='utf-8'), weights, cfg.num_classes, name)
     assert [f.shape[-1] for f in features['feature_maps']] == [224 // 2, 224 // 4, 224 // 8, 224 // 16, 224 // 32]
     assert embed['embedding'].shape == (1, embed['model'].num_features)
 
@@ -188,7 +190,7 @@ def test_card_of_a_fine_tuned_checkpoint_in_another_repository(hub_cache, tmp_pa
 
 @pytest.mark.parametrize('name', CARD_NAMES)
 def test_card_metadata(name):
-    card = ModelCard.load(cards.card_path(name))
+    card = ModelCard.load(cards.card_path(name, REPO_CARDS))
     cfg = get_pretrained_cfg(name)
     data = card.data
     assert data.library_name == 'timm'
@@ -238,7 +240,7 @@ def timm_builtin_counts(arch: str, input_size) -> Dict[str, float]:
 
 @pytest.mark.parametrize('name', CARD_NAMES)
 def test_card_statistics_preprocessing_and_pyramid_are_measured(name):
-    text = cards.card_path(name).read_text(encoding='utf-8')
+    text = cards.card_path(name, REPO_CARDS).read_text(encoding='utf-8')
     cfg = get_pretrained_cfg(name)
     rows = re.findall(r'^\| (\d+) x (\d+) \((input size|test input size)\) \| ([\d,]+) \| ([\d.]+) \| ([\d.]+) \|$',
                       text, flags=re.M)
@@ -272,7 +274,7 @@ def test_card_statistics_preprocessing_and_pyramid_are_measured(name):
 
 @pytest.mark.parametrize('name', CARD_NAMES)
 def test_card_weights_source_and_citations(name):
-    text = cards.card_path(name).read_text(encoding='utf-8')
+    text = cards.card_path(name, REPO_CARDS).read_text(encoding='utf-8')
     keys = bibtex_keys(text)
     assert keys[0] == 'huang2017densely'
     assert ('zhang2019shiftinvar' in keys) == name.startswith('densenetblur')
@@ -424,8 +426,61 @@ def test_cli_card_all_regenerates_a_folder(rendered_once, tmp_path, capsys):
     assert cli.main(['card', '--all', '--out', str(out_dir)]) == 0
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(f'{n}.md' for n in CARD_NAMES)
     for name in CARD_NAMES:
-        assert (out_dir / f'{name}.md').read_text(encoding='utf-8') == cards.card_path(name).read_text(encoding='utf-8')
+        committed = cards.card_path(name, REPO_CARDS).read_text(encoding='utf-8')
+        assert (out_dir / f'{name}.md').read_text(encoding='utf-8') == committed
     assert capsys.readouterr().out.split() == [str(out_dir / f'{n}.md') for n in CARD_NAMES]
+
+
+def test_cli_card_all_writes_model_cards_in_the_current_folder(rendered_once, tmp_path, monkeypatch, capsys):
+    """Not the package's folder: an installed package has no model_cards/ beside it (nor may write there)."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(['card', '--all']) == 0
+    assert capsys.readouterr().out.split() == [str(Path('model_cards') / f'{n}.md') for n in CARD_NAMES]
+    assert sorted(p.name for p in (tmp_path / 'model_cards').iterdir()) == sorted(f'{n}.md' for n in CARD_NAMES)
+    for name in CARD_NAMES:
+        assert (tmp_path / 'model_cards' / f'{name}.md').read_bytes() == (REPO_CARDS / f'{name}.md').read_bytes()
+
+
+def test_an_installed_wheel_renders_and_writes_cards_without_the_repository(tmp_path):
+    """`pip install .` (not editable): the package's files alone, run away from the repository, render the committed
+    cards, so whatever it reads at run time is package data that the wheel carries."""
+    import shutil
+    import zipfile
+    pytest.importorskip('setuptools', reason="the wheel is built with this environment's setuptools")
+    repo = REPO_CARDS.parent
+    source = tmp_path / 'source'
+    source.mkdir()
+    for name in ('pyproject.toml', 'README.md'):
+        shutil.copy(repo / name, source / name)
+    shutil.copytree(repo / 'timm_densenet_ext', source / 'timm_densenet_ext',
+                    ignore=shutil.ignore_patterns('__pycache__'))
+    build = subprocess.run(
+        [sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '--no-index', '-q', '-w',
+         str(tmp_path / 'dist'), str(source)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr
+    site = tmp_path / 'site'
+    with zipfile.ZipFile(next((tmp_path / 'dist').glob('timm_densenet_ext-*.whl'))) as wheel:
+        wheel.extractall(site)  # what pip installs from a pure-Python wheel
+    elsewhere = tmp_path / 'work'
+    elsewhere.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(site), HF_HUB_OFFLINE='1')
+
+    def cli_run(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, '-c', 'import sys, timm_densenet_ext.cli as c; '
+                               'print(c.__file__, file=sys.stderr); sys.exit(c.main(sys.argv[1:]))', *argv],
+                              cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
+
+    name = 'densenet121.tv_in1k'
+    one = cli_run('card', '-m', name)
+    assert one.returncode == 0, one.stderr
+    assert one.stderr.startswith(str(site)), one.stderr  # the wheel's copy, not the repository's
+    assert one.stdout == (REPO_CARDS / f'{name}.md').read_text(encoding='utf-8')
+    every = cli_run('card', '--all')
+    assert every.returncode == 0, every.stderr
+    written = elsewhere / 'model_cards'
+    assert sorted(p.name for p in written.iterdir()) == sorted(f'{n}.md' for n in CARD_NAMES)
+    assert all((written / f'{n}.md').read_bytes() == (REPO_CARDS / f'{n}.md').read_bytes() for n in CARD_NAMES)
+    assert not list(site.rglob('model_cards'))  # nothing written into the installed package
 
 
 def test_cli_card_out_refuses_to_overwrite(rendered_once, tmp_path, capsys):

@@ -126,7 +126,8 @@ def test_weights_file_loads_through_convert_s_reader(tmp_path, capsys):
 
 @pytest.mark.parametrize('argv, message', [
     (['densenet121', 'x.png'], 'densenet121: no weights given, so its outputs would be random; pass --pretrained'),
-    (['densenet264d', 'x.png'], 'densenet264d: no weights given, so its outputs would be random; pass --checkpoint PATH'),
+    (['densenet264d', 'x.png'],
+     'densenet264d: no weights given, so its outputs would be random; pass --checkpoint PATH'),
     (['densenet264d', 'x.png', '--pretrained'], 'densenet264d: has no pretrained weights; leave out --pretrained'),
     (['resnet50', 'x.png', '--pretrained'], "unknown model 'resnet50'"),
     (['local-dir:nowhere', 'x.png'], 'local-dir:nowhere: no such folder nowhere'),

@@ -99,3 +99,42 @@ def test_two_converts_racing_for_one_folder(tmp_path):
     expected = torch.load([first, second][codes.index(0)], weights_only=True)
     assert all(torch.equal(written[k], v) for k, v in expected.items() if k in written)
     assert torch.equal(written['classifier.weight'], expected['classifier.weight'])
+
+
+def test_writing_moves_a_finished_file_into_place_with_new_file_permissions(tmp_path):
+    from timm_densenet_ext._files import default_mode, writing
+    out = tmp_path / 'model.pt2'
+    with writing(out, exists_message='taken') as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith('.model.') and tmp.suffix == '.pt2'
+        tmp.write_bytes(b'first')
+        tmp.chmod(0o600)  # as mkstemp, safetensors and torch.save may leave it
+    assert out.read_bytes() == b'first' and out.stat().st_mode & 0o777 == default_mode()
+    with pytest.raises(FileExistsError, match='^taken$'):
+        with writing(out, exists_message='taken') as tmp:
+            tmp.write_bytes(b'second')
+    assert out.read_bytes() == b'first'
+    with writing(out, force=True) as tmp:
+        tmp.write_bytes(b'second')
+    assert out.read_bytes() == b'second'
+    with pytest.raises(RuntimeError):
+        with writing(out, force=True) as tmp:
+            tmp.write_bytes(b'half')
+            raise RuntimeError('failed half way')
+    assert out.read_bytes() == b'second' and [p.name for p in tmp_path.iterdir()] == ['model.pt2']
+
+
+def test_writing_folder_replaces_a_folder_only_once_the_new_one_is_complete(tmp_path):
+    from timm_densenet_ext._files import default_mode, writing_folder
+    out = tmp_path / 'hub'
+    with writing_folder(out) as staging:
+        (staging / 'a.txt').write_text('one')
+        (staging / 'a.txt').chmod(0o600)
+    assert (out / 'a.txt').read_text() == 'one' and (out / 'a.txt').stat().st_mode & 0o777 == default_mode()
+    with pytest.raises(OSError):
+        with writing_folder(out) as staging:
+            (staging / 'b.txt').write_text('two')
+            raise OSError(28, 'No space left on device')
+    assert [p.name for p in tmp_path.iterdir()] == ['hub'] and [p.name for p in out.iterdir()] == ['a.txt']
+    with writing_folder(out) as staging:
+        (staging / 'b.txt').write_text('two')
+    assert [p.name for p in tmp_path.iterdir()] == ['hub'] and [p.name for p in out.iterdir()] == ['b.txt']

@@ -1,5 +1,9 @@
-"""Safe writes: a claim on an output path for the whole time it is being made, and a finished temporary file moved
-to its name without ever overwriting what is there (unless asked).
+"""Safe writes: a claim on an output path for the whole time it is being made, and a finished temporary file (or
+folder) moved to its name without ever overwriting what is there (unless asked).
+
+Every workflow writes its outputs through `writing` (a file) or `writing_folder` (a folder): the output is made under
+a unique hidden name beside its destination, given the permissions of a new file, and renamed into place only once it
+is complete, so a failed or interrupted write leaves the destination as it was and no temporary behind.
 
 Two processes told to write the same output must not both report success: the first to `claim` the path writes it,
 the other is refused with a one-line FileExistsError naming the path and the process holding it.
@@ -8,10 +12,12 @@ import contextlib
 import functools
 import inspect
 import os
+import secrets
+import shutil
 from pathlib import Path
-from typing import Callable, Iterator, Set, TypeVar, Union
+from typing import Callable, Iterator, Optional, Set, TypeVar, Union
 
-__all__ = ['claim', 'claims_output', 'move_into_place', 'default_mode']
+__all__ = ['claim', 'claims_output', 'writing', 'writing_folder', 'move_into_place', 'default_mode']
 
 F = TypeVar('F', bound=Callable)
 
@@ -123,3 +129,64 @@ def move_into_place(tmp: Union[str, Path], dest: Path, force: bool, exists_messa
         os.replace(tmp, dest)
         return
     os.unlink(tmp)
+
+
+def _temporary_name(path: Path) -> Path:
+    """A unique hidden name beside `path`, keeping its suffix (torch.export.load reads only *.pt2 files)."""
+    return path.with_name(f'.{path.stem.lstrip(".")}.{secrets.token_hex(4)}.tmp{path.suffix}')
+
+
+@contextlib.contextmanager
+def writing(path: Union[str, Path], *, force: bool = False, exists_message: Optional[str] = None) -> Iterator[Path]:
+    """A temporary path beside `path` to write the file into; when the block ends, the file gets the permissions of
+    a new file (mkstemp, safetensors and torch.save may write 0600) and is moved to `path`.
+
+    An existing `path` is replaced only with `force`; else FileExistsError(`exists_message`), checked at the rename,
+    so a file created meanwhile is not lost either. The temporary file is removed whatever happens.
+    """
+    path = Path(path)
+    tmp = _temporary_name(path)
+    try:
+        yield tmp
+        os.chmod(tmp, default_mode())
+        move_into_place(tmp, path, force, exists_message or f'{path}: exists; not replaced.')
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def writing_folder(path: Union[str, Path]) -> Iterator[Path]:
+    """A temporary folder beside `path` to write the folder's files into; when the block ends, its files get the
+    permissions of new files and it replaces `path`, which is kept (renamed aside) until the new one is in place.
+
+    The caller decides whether an existing `path` may be replaced (and should hold a `claim` on it meanwhile). The
+    temporary folder is removed on error.
+    """
+    path = Path(path)
+    staging = path.with_name(f'.{path.name}.{secrets.token_hex(4)}.tmp')
+    staging.mkdir()
+    try:
+        yield staging
+        mode = default_mode()
+        for file in staging.iterdir():
+            os.chmod(file, mode)
+        _swap_in(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _swap_in(staging: Path, path: Path) -> None:
+    """Rename the finished `staging` folder to `path`; an existing `path` is kept until that succeeded."""
+    if not path.exists():
+        os.rename(staging, path)
+        return
+    backup = path.with_name(f'.{path.name}.{secrets.token_hex(4)}.old')
+    os.rename(path, backup)
+    try:
+        os.rename(staging, path)
+    except BaseException:
+        os.rename(backup, path)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)

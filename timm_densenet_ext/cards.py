@@ -4,12 +4,10 @@ The card's text is the Jinja2 template `model_card_template.md` (linked from `mo
 card states about the model (statistics, preprocessing, feature pyramid, the shapes its usage code prints) is measured
 here from the model built on the meta device, so a card cannot drift from the code; about the weights, it states only
 what is known (a published tag's registry entry, or what the caller passes). The Hub metadata goes through
-huggingface_hub's `ModelCardData` and `ModelCard.from_template`. `timm-densenet-ext card --all --force` regenerates
-`model_cards/`.
+huggingface_hub's `ModelCardData` and `ModelCard.from_template`. `timm-densenet-ext card --all --force`, run from the
+repository's root, regenerates its `model_cards/`.
 """
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -19,7 +17,7 @@ import torch
 from huggingface_hub import ModelCard, ModelCardData
 from timm.layers import BlurPool2d
 
-from ._files import claim, default_mode, move_into_place
+from ._files import claim, writing
 from ._naming import arg
 from .stats import measure
 from .models import default_cfgs, resolve_model_name
@@ -27,8 +25,11 @@ from .models import default_cfgs, resolve_model_name
 __all__ = ['CARD_DIR', 'TEMPLATE_PATH', 'CITATIONS', 'card_model_names', 'card_path', 'check_card_facts',
            'render_model_card', 'write_model_card', 'write_model_cards']
 
-CARD_DIR = Path(__file__).resolve().parent.parent / 'model_cards'
-# the template ships inside the package (wheels render cards too); model_cards/TEMPLATE.md links to it
+# where `card --all` writes the cards when given no folder: model_cards/ in the current folder (relative, so that an
+# installed package writes where it is run, never into site-packages); the repository's cards are its model_cards/
+CARD_DIR = Path('model_cards')
+# the one file read at run time: package data (pyproject's package-data), so wheels render cards too;
+# model_cards/TEMPLATE.md links to it
 TEMPLATE_PATH = Path(__file__).resolve().parent / 'model_card_template.md'
 
 CITATIONS = {
@@ -189,14 +190,14 @@ def _measure(name: str, cfg: Dict[str, Any], model_args: Optional[Dict[str, Any]
 
 
 # model arguments a checkpoint itself determines: they leave the variant's architecture as its docstring says
-_HEAD_ARGS = ('num_classes', 'in_chans', 'global_pool')
+HEAD_ARGS = ('num_classes', 'in_chans', 'global_pool')
 
 
 def _arch_doc(arch: str, model_args: Optional[Dict[str, Any]] = None) -> str:
     """The architecture in a few words: its entrypoint's first docstring line, less any words on weights (the
     card's weights are described by their own facts, not by the architecture's name); for a model built with other
     arguments (e.g. block_config), the variant and those arguments, since the docstring's figures no longer hold."""
-    changed = {k: v for k, v in (model_args or {}).items() if k not in _HEAD_ARGS}
+    changed = {k: v for k, v in (model_args or {}).items() if k not in HEAD_ARGS}
     if changed:
         return f'{arch} built with ' + ', '.join(f'{k}={v!r}' for k, v in sorted(changed.items()))
     doc = (timm.models.model_entrypoint(arch).__doc__ or arch).strip().splitlines()[0].rstrip('.')
@@ -277,6 +278,54 @@ def render_model_card(
     the variant's (config.json `model_args`). `base_model` (the Hub repository the weights were fine-tuned from, or a
     published tag), `datasets` (Hub dataset ids) and `license` (a license identifier) go into the metadata and text.
     """
+    card = _card_subject(model_name, repo_id, pretrained_cfg)
+    base_model, datasets, license = check_card_facts(base_model, datasets, license)
+    weights = _weights_facts(card, weights_source, training, datasets, license)
+    figures = _measure(card.name, card.cfg, model_args)
+    blur = figures.pop('blur')
+    papers, citations = _references(card.cfg, weights.recipe, blur)
+    text = str(ModelCard.from_template(
+        _card_data(card, weights, base_model, blur, training),
+        template_path=str(TEMPLATE_PATH),
+        title=card.name if card.own_repo else card.repo_id,
+        arch=card.arch,
+        arch_doc=_arch_doc(card.arch, model_args),
+        repo_id=card.repo_id,
+        model_ref=card.name if card.own_repo else f'hf-hub:{card.repo_id}',
+        aliases=_aliases(card),
+        weights_source=weights.source,
+        published=card.published,
+        base_model=base_model,
+        dataset_text=weights.dataset_text,
+        num_classes=card.cfg['num_classes'],
+        license_id=weights.license,
+        origin_url=card.cfg.get('origin_url') if card.published else None,
+        papers=papers,
+        labels=_label_source(card, weights.datasets),
+        citations=[CITATIONS[c] for c in citations],
+        training=training,
+        **figures,
+    ))
+    return text if text.endswith('\n') else text + '\n'
+
+
+@dataclass(frozen=True)
+class _Subject:
+    """The tag a card describes, its config (the registered one with the caller's overrides) and its repository."""
+    arch: str
+    tag: str
+    registered: Dict[str, Any]
+    cfg: Dict[str, Any]
+    repo_id: str
+    own_repo: bool  # the tag's own Hub repository
+    published: bool  # the tag's published weights: the registry's facts describe them
+
+    @property
+    def name(self) -> str:
+        return f'{self.arch}.{self.tag}'
+
+
+def _card_subject(model_name: str, repo_id: Optional[str], pretrained_cfg: Optional[dict]) -> _Subject:
     arch, tag = resolve_model_name(model_name)
     name = f'{arch}.{tag}'
     registered = timm.models.get_pretrained_cfg(name).to_dict()
@@ -285,36 +334,61 @@ def render_model_card(
     if not repo_id:
         raise ValueError(
             f'{name} has no published weights; give the Hub repository that holds them ({arg("repo_id", "ORG/NAME")}).')
-    base_model, datasets, license = check_card_facts(base_model, datasets, license)
     own_repo = repo_id == registered.get('hf_hub_id')
     # the registry's facts describe the tag's published weights only: not a checkpoint converted "as" the tag
-    published = own_repo and pretrained_cfg is None
-    model_ref = name if own_repo else f'hf-hub:{repo_id}'
-    num_classes = cfg['num_classes']
+    return _Subject(arch, tag, registered, cfg, repo_id, own_repo, published=own_repo and pretrained_cfg is None)
 
-    recipe = _RECIPES.get(tag.split('_')[0], _UNKNOWN_RECIPE) if published else _Recipe('')
+
+@dataclass(frozen=True)
+class _WeightsFacts:
+    """What a card says about the weights: the registry's for published ones, else only what the caller gave."""
+    recipe: _Recipe
+    source: str
+    datasets: List[str]
+    dataset_text: str
+    license: Optional[str]
+
+
+def _weights_facts(card: _Subject, weights_source: Optional[str], training: Optional[Dict[str, Any]],
+                   datasets: List[str], license: Optional[str]) -> _WeightsFacts:
+    recipe = _RECIPES.get(card.tag.split('_')[0], _UNKNOWN_RECIPE) if card.published else _Recipe('')
     dataset_text = None
-    if published:
-        tag_datasets = [_DATASETS[t] for t in tag.split('_') if t in _DATASETS]
+    if card.published:
+        tag_datasets = [_DATASETS[t] for t in card.tag.split('_') if t in _DATASETS]
         if not datasets:
             datasets = [d[0] for d in tag_datasets]
             dataset_text = ', '.join(d[1] for d in tag_datasets) or None
-        license = license or cfg.get('license')
+        license = license or card.cfg.get('license')
         if weights_source is None:
+            origin = card.registered.get('origin_url') or (
+                f'the [{card.repo_id}](https://huggingface.co/{card.repo_id}) repository')
             weights_source = recipe.source.format(
-                dataset=' and '.join(d[1] for d in tag_datasets) or 'its dataset', arch=arch,
-                tv_weights=arch.replace('densenet', 'DenseNet') + '_Weights',
-                origin=registered.get('origin_url') or f'the [{repo_id}](https://huggingface.co/{repo_id}) repository')
+                dataset=' and '.join(d[1] for d in tag_datasets) or 'its dataset', arch=card.arch,
+                tv_weights=card.arch.replace('densenet', 'DenseNet') + '_Weights', origin=origin)
     if dataset_text is None:
         dataset_text = (', '.join(datasets) if datasets else
                         f'{training["data_name"]} (see Training)' if training else 'not stated')
     if weights_source is None:
         weights_source = 'Where these weights come from is not stated.'
+    return _WeightsFacts(recipe, weights_source, datasets, dataset_text, license)
 
-    figures = _measure(name, cfg, model_args)
-    blur = figures.pop('blur')
 
-    # the architecture's papers always; a training recipe's only for the weights it made
+def _card_data(card: _Subject, weights: _WeightsFacts, base_model: Optional[str], blur: bool,
+               training: Optional[Dict[str, Any]]) -> ModelCardData:
+    """The card's Hub metadata (its YAML header)."""
+    return ModelCardData(
+        library_name='timm',
+        license=weights.license,
+        tags=['image-classification', 'timm', 'densenet', 'timm-densenet-ext'] + (['blurpool'] if blur else []),
+        datasets=weights.datasets or None,
+        pipeline_tag='image-classification',
+        base_model=base_model,
+        **(_eval_results(card.repo_id, training) if training else {}),
+    )
+
+
+def _references(cfg: Dict[str, Any], recipe: _Recipe, blur: bool) -> Tuple[List[Tuple[str, str]], List[str]]:
+    """(paper title, link) and CITATIONS keys: the architecture's papers always, a recipe's only for its weights."""
     papers = []
     if cfg.get('paper_name') and cfg.get('paper_ids'):
         ids = cfg['paper_ids'] if isinstance(cfg['paper_ids'], (list, tuple)) else [cfg['paper_ids']]
@@ -322,63 +396,34 @@ def render_model_card(
                    if i.startswith('arXiv:')]
     citations = ['densenet'] + (['blurpool'] if blur else []) + list(recipe.citations)
     papers += [_PAPERS[c] for c in (['blurpool'] if blur else []) + list(recipe.papers)]
-
-    if cfg.get('label_names') and not own_repo:
-        labels = 'cfg'
-    elif num_classes == 1000 and 'imagenet-1k' in datasets:
-        labels = 'imagenet'
-    else:
-        labels = 'index'
-
-    card_data = ModelCardData(
-        library_name='timm',
-        license=license,
-        tags=['image-classification', 'timm', 'densenet', 'timm-densenet-ext'] + (['blurpool'] if blur else []),
-        datasets=datasets or None,
-        pipeline_tag='image-classification',
-        base_model=base_model,
-        **(_eval_results(repo_id, training) if training else {}),
-    )
-    card = ModelCard.from_template(
-        card_data,
-        template_path=str(TEMPLATE_PATH),
-        title=repo_id if not own_repo else name,
-        arch=arch,
-        arch_doc=_arch_doc(arch, model_args),
-        repo_id=repo_id,
-        model_ref=model_ref,
-        aliases=[f'{a}.{t}' for a, d in default_cfgs.items() for t, c in d.cfgs.items()
-                 if own_repo and c.hf_hub_id == repo_id and f'{a}.{t}' != name],
-        weights_source=weights_source,
-        published=published,
-        base_model=base_model,
-        dataset_text=dataset_text,
-        num_classes=num_classes,
-        license_id=license,
-        origin_url=cfg.get('origin_url') if published else None,
-        papers=papers,
-        labels=labels,
-        citations=[CITATIONS[c] for c in citations],
-        training=training,
-        **figures,
-    )
-    text = str(card)
-    return text if text.endswith('\n') else text + '\n'
+    return papers, citations
 
 
-def _write_atomic(path: Path, text: str, force: bool) -> None:
-    """Write `text` to a temp file beside `path`, then move it into place (never over a file unless `force`)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with claim(path):
-        fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-        try:
-            with os.fdopen(fd, 'w', encoding='utf-8', newline='') as f:
-                f.write(text)
-            os.chmod(tmp, default_mode())  # mkstemp's 0600 would make the card private
-            move_into_place(tmp, path, force, f'{path} exists; pass {arg("force")} to overwrite it.')
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+def _aliases(card: _Subject) -> List[str]:
+    """The other registered names that load the same published repository."""
+    if not card.own_repo:
+        return []
+    return [f'{a}.{t}' for a, d in default_cfgs.items() for t, c in d.cfgs.items()
+            if c.hf_hub_id == card.repo_id and f'{a}.{t}' != card.name]
+
+
+def _label_source(card: _Subject, datasets: Sequence[str]) -> str:
+    """Where the usage code's class names come from: the config's label_names, ImageNet's, or class indices."""
+    if card.cfg.get('label_names') and not card.own_repo:
+        return 'cfg'
+    if card.cfg['num_classes'] == 1000 and 'imagenet-1k' in datasets:
+        return 'imagenet'
+    return 'index'
+
+
+def _write_text(path: Path, text: str, force: bool) -> None:
+    """Write `text` to `path` through a temporary file (never over a file unless `force`)."""
+    with claim(path), writing(path, force=force, exists_message=_exists_message(path)) as tmp:
+        tmp.write_bytes(text.encode('utf-8'))
+
+
+def _exists_message(path: Path) -> str:
+    return f'{path} exists; pass {arg("force")} to overwrite it.'
 
 
 def write_model_card(model_name: str, out: Union[str, Path], *, force: bool = False, **render_kwargs: Any) -> Path:
@@ -386,14 +431,15 @@ def write_model_card(model_name: str, out: Union[str, Path], *, force: bool = Fa
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with claim(out):
-        if out.exists() and not force:
-            raise FileExistsError(f'{out} exists; pass {arg("force")} to overwrite it.')
-        _write_atomic(out, render_model_card(model_name, **render_kwargs), force)
+        if out.exists() and not force:  # before rendering, which takes a while
+            raise FileExistsError(_exists_message(out))
+        _write_text(out, render_model_card(model_name, **render_kwargs), force)
     return out
 
 
 def write_model_cards(out_dir: Union[str, Path, None] = None, *, force: bool = False) -> List[Path]:
-    """Render the card of every `card_model_names()` tag into `out_dir` (default `model_cards/`).
+    """Render the card of every `card_model_names()` tag into `out_dir` (default `CARD_DIR`: model_cards/ in the
+    current folder, the repository's own when run from its root).
 
     A card file that exists with other text is overwritten only with `force`; without it nothing is written. Files
     that already hold the rendered text are left as they are.
@@ -405,7 +451,8 @@ def write_model_cards(out_dir: Union[str, Path, None] = None, *, force: bool = F
         raise FileExistsError(
             f'{differ[0]}{more} exists with other text; pass {arg("force")} to overwrite it with the card '
             f'rendered now.')
+    Path(out_dir or CARD_DIR).mkdir(parents=True, exist_ok=True)
     for path, text in cards:
         if path in differ or not path.exists():  # a file that appeared since is refused unless `force`
-            _write_atomic(path, text, force=force)
+            _write_text(path, text, force=force)
     return [path for path, _ in cards]

@@ -5,17 +5,17 @@ The file is written under a temporary name beside `out`, loaded back (onnxruntim
 `torch.export.load`), compared with the PyTorch model on random images at two batch sizes, and only then moved to
 `out`; an existing `out` is replaced only with `force`.
 """
+import contextlib
 import inspect
-import secrets
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Tuple, Union
+from typing import Callable, Dict, Iterator, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from ._files import claim, move_into_place
+from ._files import claim, writing
 from ._naming import arg
 from .loading import load_model
 
@@ -52,9 +52,17 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
         dynamic_shapes=({0: batch},), dynamo=True, verbose=False, **one_file)
 
 
-def _export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> None:
-    with warnings.catch_warnings():  # torch deprecates TorchScript for torch.export, but deployments still use it
+@contextlib.contextmanager
+def _torchscript() -> Iterator[None]:
+    """Silence torch's FutureWarning on `torch.jit`: torch deprecates TorchScript for torch.export, but deployments
+    still use it."""
+    with warnings.catch_warnings():
         warnings.filterwarnings('ignore', category=FutureWarning, message=r'`torch\.jit')
+        yield
+
+
+def _export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    with _torchscript():
         torch.jit.save(torch.jit.script(model), str(path))
 
 
@@ -80,8 +88,7 @@ def load_exported(path: Union[str, Path], fmt: str) -> Callable[[torch.Tensor], 
         name = session.get_inputs()[0].name
         return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
     if fmt == 'torchscript':
-        with warnings.catch_warnings():
-            warnings.filterwarnings('ignore', category=FutureWarning, message=r'`torch\.jit')
+        with _torchscript():
             return torch.jit.load(path, map_location='cpu')
     if fmt == 'exported-program':
         return torch.export.load(path).module()
@@ -137,8 +144,7 @@ def _export_checked(model: nn.Module, fmt: str, out: Path, force: bool) -> Expor
     generator = torch.Generator().manual_seed(0)
     example = torch.randn((2, *input_size), generator=generator)
 
-    tmp = out.with_name(f'.{out.stem}.{secrets.token_hex(4)}.tmp{SUFFIXES[fmt]}')
-    try:
+    with writing(out, force=force, exists_message=_exists_message(out)) as tmp:
         with torch.no_grad():
             _EXPORTERS[fmt](model, example, tmp)
         run = load_exported(tmp, fmt)
@@ -155,8 +161,4 @@ def _export_checked(model: nn.Module, fmt: str, out: Path, force: bool) -> Expor
             raise RuntimeError(f'the exported {fmt} file differs from PyTorch by {max_diff:.2e} (more than '
                                f'{TOLERANCE:g}); nothing was written')
         size = tmp.stat().st_size
-        move_into_place(tmp, out, force, _exists_message(out))
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return ExportResult(out, fmt, input_size, max_diff, size)

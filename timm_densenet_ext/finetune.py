@@ -13,7 +13,6 @@ import copy
 import dataclasses
 import functools
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +20,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+from timm.utils import random_seed
 
-from ._files import claims_output
+from ._files import claims_output, writing
 from ._naming import arg
 from .hub import check_out_dir, write_hub_folder
 from .images import image_loader
 from .loading import HUB_PREFIXES, load_model, model_card_name, weights_repo_id
-from .models import default_cfgs, resolve_model_name
 
 __all__ = ['Recipe', 'FinetuneResult', 'STATE_FILE', 'image_folders', 'image_dataset', 'choose_threads', 'finetune',
            'evaluate']
@@ -206,29 +205,6 @@ def _disable(progress: Optional[bool]) -> Optional[bool]:
     return None if progress is None else not progress
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f'{path.name}.tmp')
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)  # timm's random-resized crop and flips
-    torch.manual_seed(seed)
-
-
-def _base_description(model_name: str, pretrained: bool, weights: Optional[str]) -> str:
-    """Where the starting weights came from, for the log and the model card."""
-    if model_name.startswith(HUB_PREFIXES):
-        return f'`{model_name}`'
-    if weights:
-        return f'the checkpoint `{Path(weights).name}`'
-    if pretrained:
-        arch, tag = resolve_model_name(model_name)
-        return f'`{default_cfgs[arch].cfgs[tag].hf_hub_id}`'
-    return 'random initialisation (no pretrained weights)'
-
-
 def _load_state(out_dir: Path) -> Dict[str, Any]:
     path = out_dir / STATE_FILE
     if not path.is_file():
@@ -328,26 +304,129 @@ def finetune(
     Returns a `FinetuneResult`; raises ValueError, FileNotFoundError or FileExistsError with a message naming the
     thing and the fix.
     """
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import CosineLRScheduler
-    from tqdm.auto import tqdm
-
     out_dir = Path(out_dir)
     given = dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, img_size=img_size,
                  hflip=hflip, scale=tuple(scale) if scale is not None else None, seed=seed)
-    if resume:
-        if force:
-            raise ValueError(f'give {arg("resume")} to continue an interrupted run, or {arg("force")} to start it '
-                             f'again, not both.')
-        state = _load_state(out_dir)
-        _resumed_settings(state, dict(given, model_name=model_name, pretrained=pretrained or None,
-                                      weights=str(Path(weights).resolve()) if weights else None), out_dir)
-        run = state['run']
-        model_name, pretrained, weights = run['model_name'], run['pretrained'], run['weights']
-        data_dir = Path(data_dir) if data_dir is not None else Path(run['data_dir'])
-        check_out_dir(out_dir, True)  # the finished folder replaces this one: only flat hub-folder files in it
-        recipe = Recipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in state['recipe'].items()})
-    else:
+    run, state = _run_settings(out_dir, given, model_name, data_dir, pretrained, weights, resume, force)
+    train_dir, val_dir, classes = image_folders(run.data_dir)
+    if state is not None:
+        _check_resumed_classes(state, classes, run.data_dir)
+    training, card_name, data_config = _prepare(run, train_dir, val_dir, classes)
+    state = _start_state(training, state, out_dir, run, classes, log)
+
+    size, recipe = data_config['input_size'], run.recipe
+    torch.set_num_threads(choose_threads(recipe.batch_size, size, _width(training.model), threads))
+    log(f'fine-tuning {run.model_name} from {run.base_description()} on {run.data_dir}: {len(classes)} classes, '
+        f'{training.describe(size)}')
+    started = time.perf_counter()
+    state = _run_epochs(training, state, out_dir, progress, threads, log)
+    seconds = time.perf_counter() - started
+
+    _write_best(training, state, out_dir, run, card_name, classes, data_config, repo_id, data_name, data_description)
+    best = state['best']
+    return FinetuneResult(
+        out_dir=out_dir, model_name=run.model_name, classes=classes, train_images=len(training.train_set),
+        val_images=len(training.val_set), best_epoch=best['epoch'], val_accuracy=best['accuracy'],
+        val_correct=best['correct'], history=state['history'], seconds=seconds)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What a run trains: the model and its starting weights, the image folders and the recipe."""
+    model_name: str
+    pretrained: bool
+    weights: Union[str, Path, None]
+    data_dir: Path
+    recipe: Recipe
+
+    def saved(self) -> Dict[str, Any]:
+        """The run as its state file records it: absolute paths, since `resume` may be run from another folder."""
+        return dict(model_name=self.model_name, pretrained=self.pretrained,
+                    weights=str(Path(self.weights).resolve()) if self.weights else None,
+                    data_dir=str(self.data_dir.resolve()))
+
+    def base_description(self) -> str:
+        """Where the starting weights came from, for the log and the model card."""
+        if self.model_name.startswith(HUB_PREFIXES):
+            return f'`{self.model_name}`'
+        if self.weights:
+            return f'the checkpoint `{Path(self.weights).name}`'
+        if self.pretrained:
+            return f'`{weights_repo_id(self.model_name, pretrained=True)}`'
+        return 'random initialisation (no pretrained weights)'
+
+
+@dataclass
+class _Training:
+    """What the epoch loop works on: the model, the data, timm's AdamW on its per-step cosine schedule, the loss."""
+    model: nn.Module
+    train_set: Any
+    val_set: Any
+    recipe: Recipe
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    criterion: nn.Module
+    steps: int  # optimiser steps per epoch
+    drop_last: bool
+
+    @classmethod
+    def build(cls, model: nn.Module, train_set, val_set, recipe: Recipe) -> '_Training':
+        from timm.optim import create_optimizer_v2
+        from timm.scheduler import CosineLRScheduler
+        optimizer = create_optimizer_v2(model, 'adamw', lr=recipe.lr, weight_decay=recipe.weight_decay)
+        drop_last = len(train_set) > recipe.batch_size
+        steps = len(train_set) // recipe.batch_size if drop_last else 1
+        total_steps = recipe.epochs * steps
+        warmup = min(recipe.warmup_epochs * steps, total_steps - 1)
+        scheduler = CosineLRScheduler(
+            optimizer, t_initial=total_steps, lr_min=recipe.lr * 1e-2, warmup_t=warmup,
+            warmup_lr_init=recipe.lr * 1e-2, t_in_epochs=False)
+        criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+        return cls(model, train_set, val_set, recipe, optimizer, scheduler, criterion, steps, drop_last)
+
+    def describe(self, size: Sequence[int]) -> str:
+        """The images and the recipe, for the log."""
+        recipe = self.recipe
+        return (f'{len(self.train_set)} training and {len(self.val_set)} validation images at {size[1]} x {size[2]}; '
+                f'{recipe.epochs} epochs, batch size {recipe.batch_size}, AdamW lr {recipe.lr:g}')
+
+    def save_state(self, state: Dict[str, Any], out_dir: Path) -> None:
+        """Save the run's state with the model's and optimiser's as STATE_FILE in `out_dir`, replacing the last."""
+        with writing(out_dir / STATE_FILE, force=True) as tmp:
+            torch.save(dict(state, model=self.model.state_dict(), optimizer=self.optimizer.state_dict()), tmp)
+
+    def train_epoch(self, epoch: int, progress: Optional[bool]) -> float:
+        """Train epoch `epoch` (from 1); the mean training loss."""
+        from tqdm.auto import tqdm
+        recipe = self.recipe
+        random_seed(recipe.seed + epoch)  # the same batches and augmentations whether resumed or not
+        loader = torch.utils.data.DataLoader(
+            self.train_set, batch_size=recipe.batch_size, shuffle=True, drop_last=self.drop_last,
+            generator=torch.Generator().manual_seed(recipe.seed + epoch))
+        self.model.train()
+        loss_sum, seen = 0.0, 0
+        bar = tqdm(loader, desc=f'epoch {epoch}/{recipe.epochs}', leave=False, disable=_disable(progress),
+                   unit='batch')
+        for step, (images, targets) in enumerate(bar):
+            self.scheduler.step_update(num_updates=(epoch - 1) * self.steps + step)
+            loss = self.criterion(self.model(images), targets)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            loss_sum += loss.item() * len(targets)
+            seen += len(targets)
+            bar.set_postfix(loss=f'{loss_sum / seen:.4f}')
+        bar.close()
+        return loss_sum / seen
+
+
+def _run_settings(
+        out_dir: Path, given: Dict[str, Any], model_name: Optional[str], data_dir: Union[str, Path, None],
+        pretrained: bool, weights: Union[str, Path, None], resume: bool, force: bool,
+) -> Tuple[_Run, Optional[Dict[str, Any]]]:
+    """The run, new or resumed (with its saved state, else None), refusing settings that differ from a resumed
+    run's and an `out_dir` whose files would be lost."""
+    if not resume:
         if not model_name or data_dir is None:
             raise ValueError(f'give {arg("model_name", "MODEL")} and {arg("data_dir", "DIR")} (or {arg("resume")}, to '
                              f'continue an interrupted run in {arg("out_dir", "DIR")}).')
@@ -357,102 +436,96 @@ def finetune(
                 f'again.')
         check_out_dir(out_dir, force)
         recipe = Recipe(**{k: v for k, v in given.items() if v is not None})
-        state = None
-    data_dir = Path(data_dir)
-    train_dir, val_dir, classes = image_folders(data_dir)
-    if state is not None and list(state['classes']) != classes:
+        return _Run(model_name, pretrained, weights, Path(data_dir), recipe), None
+    if force:
+        raise ValueError(f'give {arg("resume")} to continue an interrupted run, or {arg("force")} to start it '
+                         f'again, not both.')
+    state = _load_state(out_dir)
+    _resumed_settings(state, dict(given, model_name=model_name, pretrained=pretrained or None,
+                                  weights=str(Path(weights).resolve()) if weights else None), out_dir)
+    saved = state['run']
+    check_out_dir(out_dir, True)  # the finished folder replaces this one: only flat hub-folder files in it
+    recipe = Recipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in state['recipe'].items()})
+    data_dir = Path(data_dir) if data_dir is not None else Path(saved['data_dir'])
+    return _Run(saved['model_name'], saved['pretrained'], saved['weights'], data_dir, recipe), state
+
+
+def _check_resumed_classes(state: Dict[str, Any], classes: List[str], data_dir: Path) -> None:
+    if list(state['classes']) != classes:
         raise ValueError(
             f'{data_dir}: its classes ({", ".join(classes[:5])}{", ..." if len(classes) > 5 else ""}) are not the '
             f'interrupted run\'s ({", ".join(state["classes"][:5])}{", ..." if len(state["classes"]) > 5 else ""}); '
             f'give the folder it was started on as {arg("data_dir", "DIR")}, or start again with {arg("force")}.')
 
-    _seed_everything(recipe.seed)
-    model = load_model(model_name, pretrained=pretrained, weights=weights, require_weights=False)
+
+def _prepare(run: _Run, train_dir: Path, val_dir: Path, classes: List[str]) -> Tuple[_Training, str, Dict[str, Any]]:
+    """The model with a classifier for `classes`, the data and the optimiser (`_Training`); the registered name the
+    card describes; the data config of the transforms."""
+    random_seed(run.recipe.seed)
+    model = load_model(run.model_name, pretrained=run.pretrained, weights=run.weights, require_weights=False)
     card_name = model_card_name(model)
     model.reset_classifier(len(classes))
-    train_set, val_set, data_config = _datasets(train_dir, val_dir, model, recipe)
+    train_set, val_set, data_config = _datasets(train_dir, val_dir, model, run.recipe)
     if len(train_set) == 0 or len(val_set) == 0:
-        raise ValueError(f'{data_dir}: train/ or val/ holds no images; put images in every class folder.')
+        raise ValueError(f'{run.data_dir}: train/ or val/ holds no images; put images in every class folder.')
+    return _Training.build(model, train_set, val_set, run.recipe), card_name, data_config
 
-    optimizer = create_optimizer_v2(model, 'adamw', lr=recipe.lr, weight_decay=recipe.weight_decay)
-    drop_last = len(train_set) > recipe.batch_size
-    steps = len(train_set) // recipe.batch_size if drop_last else 1
-    total_steps = recipe.epochs * steps
-    warmup = min(recipe.warmup_epochs * steps, total_steps - 1)
-    scheduler = CosineLRScheduler(
-        optimizer, t_initial=total_steps, lr_min=recipe.lr * 1e-2, warmup_t=warmup,
-        warmup_lr_init=recipe.lr * 1e-2, t_in_epochs=False)
-    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
 
-    base = _base_description(model_name, pretrained, str(weights) if weights else None)
-    if state is None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        # absolute paths: `--resume` may be run from another folder
-        run = dict(model_name=model_name, pretrained=pretrained,
-                   weights=str(Path(weights).resolve()) if weights else None, data_dir=str(data_dir.resolve()))
-        state = dict(format=_STATE_FORMAT, run=run, recipe=dataclasses.asdict(recipe), classes=classes, epoch=0,
-                     history=[], best=dict(epoch=0, accuracy=-1.0, correct=0, state_dict=None))
-        _save_atomic(dict(state, model=model.state_dict(), optimizer=optimizer.state_dict()), out_dir / STATE_FILE)
-    else:
-        model.load_state_dict(state['model'])
-        optimizer.load_state_dict(state['optimizer'])
-        log(f'resuming {out_dir} after epoch {state["epoch"]} of {recipe.epochs}')
+def _start_state(training: _Training, state: Optional[Dict[str, Any]], out_dir: Path, run: _Run,
+                 classes: List[str], log: Callable[[str], None]) -> Dict[str, Any]:
+    """The resumed run's state, loaded into the model and optimiser; or a new run's, saved before its first epoch."""
+    if state is not None:
+        training.model.load_state_dict(state['model'])
+        training.optimizer.load_state_dict(state['optimizer'])
+        log(f'resuming {out_dir} after epoch {state["epoch"]} of {run.recipe.epochs}')
+        return state
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = dict(format=_STATE_FORMAT, run=run.saved(), recipe=dataclasses.asdict(run.recipe), classes=classes,
+                 epoch=0, history=[], best=dict(epoch=0, accuracy=-1.0, correct=0, state_dict=None))
+    training.save_state(state, out_dir)
+    return state
 
-    size = data_config['input_size']
-    torch.set_num_threads(choose_threads(recipe.batch_size, size, _width(model), threads))
-    log(f'fine-tuning {model_name} from {base} on {data_dir}: {len(classes)} classes, {len(train_set)} training and '
-        f'{len(val_set)} validation images at {size[1]} x {size[2]}; {recipe.epochs} epochs, batch size '
-        f'{recipe.batch_size}, AdamW lr {recipe.lr:g}')
+
+def _run_epochs(training: _Training, state: Dict[str, Any], out_dir: Path, progress: Optional[bool],
+                threads: Optional[int], log: Callable[[str], None]) -> Dict[str, Any]:
+    """Train the epochs after the state's last, validating each and saving the state after it; the final state,
+    whose `best` holds the weights of the epoch with the highest validation accuracy."""
+    recipe, model = training.recipe, training.model
     history, best = list(state['history']), dict(state['best'])
-    started = time.perf_counter()
     for epoch in range(state['epoch'] + 1, recipe.epochs + 1):
         epoch_start = time.perf_counter()
-        _seed_everything(recipe.seed + epoch)  # the same batches and augmentations whether resumed or not
-        loader = torch.utils.data.DataLoader(
-            train_set, batch_size=recipe.batch_size, shuffle=True, drop_last=drop_last,
-            generator=torch.Generator().manual_seed(recipe.seed + epoch))
-        model.train()
-        loss_sum, seen = 0.0, 0
-        bar = tqdm(loader, desc=f'epoch {epoch}/{recipe.epochs}', leave=False, disable=_disable(progress),
-                   unit='batch')
-        for step, (images, targets) in enumerate(bar):
-            scheduler.step_update(num_updates=(epoch - 1) * steps + step)
-            loss = criterion(model(images), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.item() * len(targets)
-            seen += len(targets)
-            bar.set_postfix(loss=f'{loss_sum / seen:.4f}')
-        bar.close()
-        correct, total = evaluate(model, val_set, progress=progress, threads=threads)
+        train_loss = training.train_epoch(epoch, progress)
+        correct, total = evaluate(model, training.val_set, progress=progress, threads=threads)
         accuracy = correct / total
         is_best = accuracy > best['accuracy']
         if is_best:
             best = dict(epoch=epoch, accuracy=accuracy, correct=correct,
                         state_dict=copy.deepcopy(model.state_dict()))
-        history.append(dict(epoch=epoch, train_loss=loss_sum / seen, val_accuracy=accuracy,
-                            lr=optimizer.param_groups[0]['lr'], seconds=time.perf_counter() - epoch_start))
-        log(f'epoch {epoch:>3}/{recipe.epochs}  train loss {loss_sum / seen:.4f}  val accuracy {100 * accuracy:6.2f}% '
+        history.append(dict(epoch=epoch, train_loss=train_loss, val_accuracy=accuracy,
+                            lr=training.optimizer.param_groups[0]['lr'], seconds=time.perf_counter() - epoch_start))
+        log(f'epoch {epoch:>3}/{recipe.epochs}  train loss {train_loss:.4f}  val accuracy {100 * accuracy:6.2f}% '
             f'({correct}/{total})  {history[-1]["seconds"]:5.1f} s{"  best" if is_best else ""}')
         state = dict(state, epoch=epoch, history=history, best=best)
-        _save_atomic(dict(state, model=model.state_dict(), optimizer=optimizer.state_dict()), out_dir / STATE_FILE)
-    seconds = time.perf_counter() - started
+        training.save_state(state, out_dir)
+    return state
 
+
+def _write_best(training: _Training, state: Dict[str, Any], out_dir: Path, run: _Run, card_name: str,
+                classes: List[str], data_config: Dict[str, Any], repo_id: Optional[str], data_name: Optional[str],
+                data_description: Optional[str]) -> None:
+    """Write the best epoch's weights as the hub folder `out_dir`, its card recording the data, recipe and accuracy."""
+    model, best, base = training.model, state['best'], run.base_description()
     model.load_state_dict(best['state_dict'])
     model.eval()
     data_text = data_description or (
-        f'the image folder `{data_dir.name}/` (torchvision `ImageFolder` layout: train/ and val/, one sub-folder per '
-        f'class)')
-    training = _training_record(history, best, classes, recipe, data_config, data_name or data_dir.resolve().name,
-                                data_text, base, len(train_set), len(val_set))
+        f'the image folder `{run.data_dir.name}/` (torchvision `ImageFolder` layout: train/ and val/, one sub-folder '
+        f'per class)')
+    record = _training_record(state['history'], best, classes, run.recipe, data_config,
+                              data_name or run.data_dir.resolve().name, data_text, base, len(training.train_set),
+                              len(training.val_set))
     write_hub_folder(
         model, out_dir, model_name=card_name, repo_id=repo_id, force=True, label_names=classes,
-        data_config={'input_size': size} if recipe.img_size else None, training=training,
-        base_model=weights_repo_id(model_name, pretrained=pretrained, weights=weights),
+        data_config={'input_size': data_config['input_size']} if run.recipe.img_size else None, training=record,
+        base_model=weights_repo_id(run.model_name, pretrained=run.pretrained, weights=run.weights),
         weights_source=f'Fine-tuned with `timm-densenet-ext finetune` from {base} on {data_text}: '
                        f'{100 * best["accuracy"]:.2f}% validation accuracy.')
-    return FinetuneResult(
-        out_dir=out_dir, model_name=model_name, classes=classes, train_images=len(train_set),
-        val_images=len(val_set), best_epoch=best['epoch'], val_accuracy=best['accuracy'], val_correct=best['correct'],
-        history=history, seconds=seconds)

@@ -5,21 +5,19 @@ pushed, `timm.create_model('hf-hub:ORG/NAME', pretrained=True)` load it. Uploads
 """
 import hashlib
 import json
-import os
 import re
-import secrets
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 
-from ._files import claim, default_mode
+from ._files import claim, writing_folder
 from ._naming import arg
+from .checkpoints import model_from_checkpoint, read_checkpoint
 from .loading import registered_name
 from .models import resolve_model_name
-from .checkpoints import model_from_checkpoint, read_checkpoint
+from .predict import imagenet_label_config
 
 __all__ = ['convert_checkpoint', 'write_hub_folder', 'check_out_dir', 'validate_folder', 'load_code', 'upload_files',
            'folder_card', 'push_folder', 'PushResult', 'PushError']
@@ -61,38 +59,11 @@ def check_out_dir(out_dir: Path, force: bool, source: Optional[Path] = None) -> 
             f'{out_dir}: holds the checkpoint being converted; choose another {arg("out_dir", "DIR")}.')
 
 
-def _swap_in(staging: Path, out_dir: Path) -> None:
-    """Move the finished `staging` folder to `out_dir`; an existing `out_dir` is kept until the move succeeded."""
-    if not out_dir.exists():
-        os.rename(staging, out_dir)
-        return
-    backup = out_dir.with_name(f'.{out_dir.name}.{secrets.token_hex(4)}.old')
-    os.rename(out_dir, backup)
-    try:
-        os.rename(staging, out_dir)
-    except BaseException:
-        os.rename(backup, out_dir)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
-
-
-def _chmod_default(folder: Path) -> None:
-    """Give the files the permissions of any new file (safetensors writes its file readable by the owner only)."""
-    mode = default_mode()
-    for path in folder.iterdir():
-        os.chmod(path, mode)
-
-
 def _label_config(model: nn.Module) -> Dict[str, Any]:
     """ImageNet label names and descriptions for a model with the classes of its ImageNet pretrained config."""
-    from timm.data import ImageNetInfo, infer_imagenet_subset
     if model.num_classes != model.pretrained_cfg.get('num_classes'):
         return {}
-    subset = infer_imagenet_subset(model)
-    if not subset:
-        return {}
-    info = ImageNetInfo(subset)
-    return dict(label_names=list(info.label_names()), label_descriptions=info.label_descriptions(as_dict=True))
+    return imagenet_label_config(model)
 
 
 def _card_cfg(config: Dict[str, Any]) -> Dict[str, Any]:
@@ -150,20 +121,24 @@ def write_hub_folder(
     target.parent.mkdir(parents=True, exist_ok=True)
     with claim(target):  # from the check to the rename: a second writer of the same folder is refused, not lost
         check_out_dir(out_dir, force)
-        _write_staged(model, target, model_name, repo_id, label_names, data_config, dict(
-            weights_source=weights_source, training=training, base_model=base_model,
-            datasets=[datasets] if isinstance(datasets, str) else datasets, license=license))
+        _write_staged(model, target, model_name, repo_id, label_names, data_config,
+                      _card_facts(weights_source, training, base_model, datasets, license))
     return out_dir
+
+
+def _card_facts(weights_source: Optional[str], training: Optional[Dict[str, Any]], base_model: Optional[str],
+                datasets: Union[str, Sequence[str], None], license: Optional[str]) -> Dict[str, Any]:
+    """What the card states about the weights, as config.json records it for `push` to render the card again."""
+    return dict(weights_source=weights_source, training=training, base_model=base_model,
+                datasets=[datasets] if isinstance(datasets, str) else datasets, license=license)
 
 
 def _write_staged(model: nn.Module, target: Path, model_name: str, repo_id: Optional[str],
                   label_names: Optional[Sequence[str]], data_config: Optional[Dict[str, Any]],
                   facts: Dict[str, Any]) -> None:
-    """Write the folder's files into a temporary folder beside `target`, then swap it in."""
+    """Write the folder's files into a temporary folder beside `target`, then swap it in (`_files.writing_folder`)."""
     from timm.models import save_for_hf
-    staging = target.with_name(f'.{target.name}.{secrets.token_hex(4)}.tmp')
-    staging.mkdir()
-    try:
+    with writing_folder(target) as staging:
         labels = dict(label_names=list(label_names)) if label_names else _label_config(model)
         save_for_hf(model, str(staging), model_config=labels, data_config=data_config, safe_serialization=True)
         config = json.loads((staging / CONFIG_FILE).read_text())
@@ -174,11 +149,6 @@ def _write_staged(model: nn.Module, target: Path, model_name: str, repo_id: Opti
         config[CARD_INPUTS_KEY] = dict(inputs, card_sha256=_sha256(card))  # what an unedited card hashes to
         with open(staging / CONFIG_FILE, 'w') as f:
             json.dump(config, f, indent=2)  # as timm's save_for_hf writes it
-        _chmod_default(staging)
-        _swap_in(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def convert_checkpoint(
@@ -219,9 +189,10 @@ def convert_checkpoint(
         source = f'Converted with `timm-densenet-ext convert` from {ckpt.describe()}, `{checkpoint.name}`.'
         if weights_source:
             source = f'{weights_source.strip()}\n\n{source}'
-        return write_hub_folder(
-            model, out_dir, model_name=model_name, weights_source=source, repo_id=repo_id, force=force,
-            base_model=base_model, datasets=datasets, license=license)
+        # write_hub_folder's work less its checks, done above
+        _write_staged(model, out_dir.absolute(), model_name, repo_id, None, None,
+                      _card_facts(source, None, base_model, datasets, license))
+    return out_dir
 
 
 def load_code(folder: Union[str, Path]) -> str:
@@ -248,6 +219,8 @@ def validate_folder(folder: Union[str, Path], repo_id: Optional[str] = None) -> 
     it (`folder_card`). Raises FileNotFoundError or ValueError naming the file and the fix.
     """
     import timm
+
+    from .cards import HEAD_ARGS
     folder = Path(folder)
     if not folder.exists():
         raise FileNotFoundError(f'{folder}: no such folder; make one with `timm-densenet-ext convert`.')
@@ -263,7 +236,7 @@ def validate_folder(folder: Union[str, Path], repo_id: Optional[str] = None) -> 
     resolve_model_name(arch)
     checkpoint = read_checkpoint(folder / WEIGHTS_FILE)
     # a model built with other arguments than the checkpoint tells (e.g. block_config): timm's strict load checks it
-    if not set(config.get('model_args') or {}) - {'num_classes', 'in_chans', 'global_pool'}:
+    if not set(config.get('model_args') or {}) - set(HEAD_ARGS):
         model_from_checkpoint(checkpoint, arch, num_classes=config.get('num_classes'))
     try:  # the config as timm reads it, through timm's own loader
         timm.create_model(f'local-dir:{folder}', pretrained=True)
@@ -306,24 +279,29 @@ def folder_card(
     written by hand or by an older version, is uploaded as it is; when its usage code loads another repository,
     that is refused with a ValueError saying how to fix it. The folder is never modified.
     """
-    folder = Path(folder)
+    data, source = _folder_card_bytes(Path(folder), repo_id, config)
+    return data.decode('utf-8', errors='replace'), source
+
+
+def _folder_card_bytes(folder: Path, repo_id: str, config: Optional[Dict[str, Any]]) -> Tuple[bytes, str]:
+    """`folder_card` as the bytes `push_folder` uploads: the folder's own file exactly as it is, or the rendering."""
     config = _read_config(folder) if config is None else config
     inputs = _recorded_inputs(config)
     card_path = folder / CARD_FILE
     if not card_path.is_file():
         if inputs is None:  # the registered tag the config was saved from, for its preprocessing
             model_name = registered_name(config['architecture'], config['pretrained_cfg'].get('tag'))
-            return _render_folder_card(config, dict(model_name=model_name), repo_id), 'config'
-        return _render_folder_card(config, inputs, repo_id), 'rendered'
+            return _render_folder_card(config, dict(model_name=model_name), repo_id).encode('utf-8'), 'config'
+        return _render_folder_card(config, inputs, repo_id).encode('utf-8'), 'rendered'
 
     data = card_path.read_bytes()
     if inputs is not None and inputs.get('card_sha256') == _sha256(data):
         if inputs.get('repo_id') == repo_id:
-            return data.decode('utf-8'), 'folder'
-        return _render_folder_card(config, inputs, repo_id), 'rendered'
+            return data, 'folder'
+        return _render_folder_card(config, inputs, repo_id).encode('utf-8'), 'rendered'
 
-    text = data.decode('utf-8', errors='replace')
-    others = sorted({ref.rstrip('.') for ref in _HF_HUB_REF.findall(text)} - {repo_id})
+    others = sorted({ref.rstrip('.') for ref in _HF_HUB_REF.findall(data.decode('utf-8', errors='replace'))} -
+                    {repo_id})
     if others:
         why = ('was edited after it was written' if inputs is not None else
                f'was written by hand or by an older version ({CONFIG_FILE} records no card inputs)')
@@ -331,7 +309,7 @@ def folder_card(
             f'{card_path}: its usage code loads hf-hub:{others[0]}, not hf-hub:{repo_id}, and it {why}, so push '
             f'does not rewrite it; replace {others[0]} with {repo_id} in it, or delete it to have push render the '
             f'card for {repo_id}.')
-    return text, 'folder'
+    return data, 'folder'
 
 
 @dataclass(frozen=True)
@@ -376,8 +354,7 @@ def _push_error(e: BaseException, repo_id: str, endpoint: str, step: str) -> Bas
     """The one-line error for `e`, raised while `step` ('committing to ORG/NAME'); `e` itself if it is not the Hub's."""
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
     if isinstance(e, OfflineModeIsEnabled):
-        return PushError(f'cannot push to {repo_id}: HF_HUB_OFFLINE is set; unset it (or set HF_HUB_OFFLINE=0) to '
-                         f'push, or pass {arg("dry_run")} to see what would be uploaded.')
+        return _offline_error(repo_id)
     if isinstance(e, HfHubHTTPError):
         response = e.response
         status = getattr(response, 'status_code', None)
@@ -425,36 +402,56 @@ def push_folder(
     request instead of committing to `revision`. Errors are one line: ValueError, FileNotFoundError (the folder),
     PermissionError (no token, HTTP 401/403), PushError (a ConnectionError: offline, unreachable, HTTP 404, 5xx).
     """
-    from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
     from huggingface_hub.utils import validate_repo_id
-
-    from . import __version__
     if repo_id.count('/') != 1:
         raise ValueError(f'{arg("repo_id", repr(repo_id))}: give the repository as ORG/NAME (your user name or an '
                          f'organisation).')
     validate_repo_id(repo_id)
     folder = Path(folder)
     if not dry_run:
-        if constants.HF_HUB_OFFLINE:  # checked here: huggingface_hub would say it only once a request is made
-            raise PushError(f'cannot push to {repo_id}: HF_HUB_OFFLINE is set; unset it (or set HF_HUB_OFFLINE=0) to '
-                            f'push, or pass {arg("dry_run")} to see what would be uploaded.')
-        token = token or get_token()
-        if not token:
-            raise PermissionError(
-                f'no Hugging Face token to push {folder} with: {_LOGIN_HINT} (https://huggingface.co/settings/tokens);'
-                f' {arg("dry_run")} shows what would be uploaded without one.')
+        token = _push_token(folder, repo_id, token)
     config = validate_folder(folder)
-    card, card_source = folder_card(folder, repo_id, config=config)
-    card_bytes = (folder / CARD_FILE).read_bytes() if card_source == 'folder' else card.encode('utf-8')
+    card_bytes, card_source = _folder_card_bytes(folder, repo_id, config)
     files = sorted([(name, size) for name, size in upload_files(folder) if name != CARD_FILE] +
                    [(CARD_FILE, len(card_bytes))])
-    result = dict(repo_id=repo_id, files=files, revision=revision, card=card, card_source=card_source)
+    result = dict(repo_id=repo_id, files=files, revision=revision, card=card_bytes.decode('utf-8', errors='replace'),
+                  card_source=card_source)
     if dry_run:
         return PushResult(dry_run=True, **result)
+    commit = _commit(folder, repo_id, [name for name, _ in files], card_bytes, token, private=private,
+                     revision=revision, create_pr=create_pr,
+                     commit_message=commit_message or f'Add {config["architecture"]} weights')
+    return PushResult(commit_url=commit.commit_url, pr_url=commit.pr_url, **result)
 
+
+def _offline_error(repo_id: str) -> PushError:
+    return PushError(f'cannot push to {repo_id}: HF_HUB_OFFLINE is set; unset it (or set HF_HUB_OFFLINE=0) to push, '
+                     f'or pass {arg("dry_run")} to see what would be uploaded.')
+
+
+def _push_token(folder: Path, repo_id: str, token: Optional[str]) -> str:
+    """`token`, else huggingface_hub's (HF_TOKEN, the login cache); refused offline or when there is none."""
+    from huggingface_hub import constants, get_token
+    if constants.HF_HUB_OFFLINE:  # checked here: huggingface_hub would say it only once a request is made
+        raise _offline_error(repo_id)
+    token = token or get_token()
+    if not token:
+        raise PermissionError(
+            f'no Hugging Face token to push {folder} with: {_LOGIN_HINT} (https://huggingface.co/settings/tokens);'
+            f' {arg("dry_run")} shows what would be uploaded without one.')
+    return token
+
+
+def _commit(folder: Path, repo_id: str, names: List[str], card_bytes: bytes, token: str, *, private: bool,
+            revision: Optional[str], create_pr: bool, commit_message: str):
+    """Create the repository (and branch) where needed and upload the files `names` of `folder`, README.md as
+    `card_bytes`, in one commit (huggingface_hub's CommitInfo); the Hub's errors become one line."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    from . import __version__
     api = HfApi(token=token, library_name='timm-densenet-ext', library_version=__version__)
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=card_bytes if name == CARD_FILE else
-                                     str(folder / name)) for name, _ in files]
+                                     str(folder / name)) for name in names]
     step = f'creating {repo_id}'
     try:
         repo_id = api.create_repo(repo_id, private=True if private else None, exist_ok=True).repo_id
@@ -462,9 +459,8 @@ def push_folder(
             step = f'creating branch {revision} of {repo_id}'
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         step = f'committing to {repo_id}' + (f' (branch {revision})' if revision else '')
-        commit = api.create_commit(
-            repo_id, operations=operations, revision=revision, create_pr=create_pr,
-            commit_message=commit_message or f'Add {config["architecture"]} weights')
+        return api.create_commit(repo_id, operations=operations, revision=revision, create_pr=create_pr,
+                                 commit_message=commit_message)
     except Exception as e:
         if isinstance(e, ValueError) and str(e).startswith('Invalid metadata in README.md'):
             reasons = '; '.join(line.lstrip('- ') for line in str(e).splitlines()[1:] if line.strip())
@@ -474,5 +470,3 @@ def push_folder(
         if error is e:
             raise
         raise error from e
-    return PushResult(commit_url=commit.commit_url, pr_url=commit.pr_url, **result)
-

@@ -2,7 +2,7 @@
 names (a hub folder's `label_names`, or ImageNet's from timm's `ImageNetInfo`), top-k labels and probabilities."""
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -11,7 +11,7 @@ from ._naming import arg
 from .images import UnreadableImage, read_image
 from .loading import load_model
 
-__all__ = ['Prediction', 'class_names', 'preprocessing', 'classify', 'predict']
+__all__ = ['Prediction', 'imagenet_label_config', 'class_names', 'preprocessing', 'classify', 'predict']
 
 
 @dataclass(frozen=True)
@@ -22,22 +22,31 @@ class Prediction:
     error: Optional[str] = None
 
 
+def imagenet_label_config(model: nn.Module) -> Dict[str, Any]:
+    """`label_names` (WordNet ids) and `label_descriptions` of the ImageNet subset whose number of classes the model
+    has (timm's `infer_imagenet_subset` and `ImageNetInfo`), as a hub folder's config.json holds them; else {}."""
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+    subset = infer_imagenet_subset(model)
+    if not subset:
+        return {}
+    info = ImageNetInfo(subset)
+    return dict(label_names=list(info.label_names()), label_descriptions=info.label_descriptions(as_dict=True))
+
+
 def class_names(model: nn.Module) -> List[str]:
     """A name per class: the config's `label_names` (with their `label_descriptions`), ImageNet's descriptions
     for a model with the classes of an ImageNet subset, else 'class N'."""
-    from timm.data import ImageNetInfo, infer_imagenet_subset
     cfg, n = model.pretrained_cfg, model.num_classes
     names = cfg.get('label_names')
     if isinstance(names, dict):  # timm allows {index: name} when indices have gaps
         names = [names.get(i, names.get(str(i), f'class {i}')) for i in range(n)]
-    if names and len(names) == n:
-        descriptions = cfg.get('label_descriptions') or {}
-        return [str(descriptions.get(name, name)) for name in names]
-    subset = infer_imagenet_subset(model)
-    if subset:
-        info = ImageNetInfo(subset)
-        return [info.index_to_description(i) for i in range(n)]
-    return [f'class {i}' for i in range(n)]
+    descriptions = cfg.get('label_descriptions') or {}
+    if not (names and len(names) == n):
+        imagenet = imagenet_label_config(model)
+        names, descriptions = imagenet.get('label_names'), imagenet.get('label_descriptions')
+    if not names:
+        return [f'class {i}' for i in range(n)]
+    return [str(descriptions.get(name, name)) for name in names]
 
 
 def preprocessing(model: nn.Module):
