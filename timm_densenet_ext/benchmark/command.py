@@ -4,8 +4,7 @@ import contextlib
 import json
 import os
 import sys
-from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 __all__ = ['add_arguments', 'run_from_args', 'main']
 
@@ -50,26 +49,14 @@ def _claim_outputs(stack: contextlib.ExitStack, output: Optional[str], force: bo
     return paths
 
 
-def _write_file(path: str, write: Callable[[str], None], force: bool) -> None:
-    """`write` a temporary file beside `path`, then move it into place (every file the benchmark writes)."""
-    from .._files import move_into_place
-    tmp = f'{path}.tmp-{os.getpid()}'
-    try:
-        write(tmp)
-        move_into_place(tmp, Path(path), force, _exists_message(path))
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
 def _write_results(result: Dict[str, Any], paths: List[str], force: bool) -> None:
+    """benchmark.json and benchmark.png, each written under a temporary name and moved into place."""
+    from .._files import writing
     from .chart import write_chart
-
-    def write_json(tmp: str) -> None:
-        with open(tmp, 'w') as f:
-            json.dump(result, f, indent=2)
-    _write_file(paths[0], write_json, force)
-    _write_file(paths[1], lambda tmp: write_chart(result, tmp), force)
+    with writing(paths[0], force=force, exists_message=_exists_message(paths[0])) as tmp:
+        tmp.write_text(json.dumps(result, indent=2))
+    with writing(paths[1], force=force, exists_message=_exists_message(paths[1])) as tmp:
+        write_chart(result, str(tmp))
 
 
 def run_from_args(args: argparse.Namespace) -> Dict[str, Any]:

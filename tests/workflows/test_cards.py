@@ -30,7 +30,7 @@ from hub_fixtures import add_weights_to_hub_cache
 
 CARD_NAMES = cards.card_model_names()
 # the repository's committed cards (cards.CARD_DIR is where `card --all` writes, relative to the current folder)
-REPO_CARDS = Path(__file__).resolve().parent.parent / 'model_cards'
+REPO_CARDS = Path(__file__).resolve().parents[2] / 'model_cards'
 
 # what the cards' code prints, as stated in its comments: a shape, a list of ints, or a bool
 _OUTPUT = r'(torch\.Size\(\[[\d, ]*\]\)|\[[\d, ]*\]|True|False)'
