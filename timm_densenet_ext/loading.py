@@ -74,7 +74,8 @@ def load_model(
         return model.eval()
 
     arch, tag = resolve_model_name(model_name)
-    if pretrained and not get_pretrained_cfg(f'{arch}.{tag}').has_weights:
+    has_weights = get_pretrained_cfg(f'{arch}.{tag}').has_weights
+    if pretrained and not has_weights:
         raise ValueError(
             f'{model_name}: has no pretrained weights; leave out {arg("pretrained")}, or give {arg("weights", "PATH")} '
             f'(a checkpoint file). `timm-densenet-ext list` shows which variants have them.')
@@ -86,7 +87,7 @@ def load_model(
                 f'{arg("weights", "PATH")}.')
         return model_from_checkpoint(weights, model_name)
     if require_weights and not pretrained:
-        hint = (f'{arg("pretrained")} (the Hub\'s weights), ' if get_pretrained_cfg(f'{arch}.{tag}').has_weights else '')
+        hint = f'{arg("pretrained")} (the Hub\'s weights), ' if has_weights else ''
         raise ValueError(
             f'{model_name}: no weights given, so its outputs would be random; pass {hint}{arg("weights", "PATH")} '
             f'(a checkpoint file), or give a hub folder as the model, local-dir:DIR.')
