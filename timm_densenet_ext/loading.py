@@ -66,9 +66,7 @@ def load_model(
         try:
             model = timm.create_model(model_name, pretrained=True)
         except LocalEntryNotFoundError:  # huggingface_hub's message names neither the repository nor a way out
-            raise FileNotFoundError(hub_offline_message(
-                f'{model_name}: its weights', model_name[len('hf-hub:'):], None,
-                'give a hub folder as local-dir:DIR')) from None
+            raise FileNotFoundError(hub_offline_message(model_name, 'give a hub folder as local-dir:DIR')) from None
         except RuntimeError as e:  # timm: 'Unknown model (...)' for an architecture it does not know
             raise ValueError(f'{model_name}: timm cannot build it ({e}).') from None
         return model.eval()

@@ -568,13 +568,14 @@ def checkpoint_filter_fn(
     return out
 
 
-def hub_offline_message(what: str, repo_id: Optional[str], cache_dir: Optional[str], local_copy: str) -> str:
+def hub_offline_message(what: str, local_copy: str, repo_id: Optional[str] = None,
+                        cache_dir: Optional[str] = None) -> str:
     """One line for weights that are neither in the local Hugging Face cache nor reachable: where they are, why they
     cannot be fetched, and the two ways out."""
     why = 'HF_HUB_OFFLINE is set' if constants.HF_HUB_OFFLINE else 'the Hub cannot be reached'
-    where = f' are in the Hugging Face Hub repository {repo_id}, which is' if repo_id else ' are'
-    return (f'{what}{where} not in the local cache ({cache_dir or constants.HF_HUB_CACHE}), and {why}. Go online once '
-            f'(unset HF_HUB_OFFLINE) to download them, or {local_copy}.')
+    where = f' are in the Hugging Face Hub repository {repo_id}, which is' if repo_id else ':'
+    return (f'{what}{where} not in the local Hugging Face cache ({cache_dir or constants.HF_HUB_CACHE}), and {why}; '
+            f'go online once (unset HF_HUB_OFFLINE) to download it, or {local_copy}.')
 
 
 def _create_densenet(variant: str, pretrained: bool = False, **kwargs) -> DenseNet:
@@ -603,8 +604,9 @@ def _create_densenet(variant: str, pretrained: bool = False, **kwargs) -> DenseN
             raise
         cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
         raise LocalEntryNotFoundError(hub_offline_message(
-            f'pretrained weights for {variant}', cfg.hf_hub_id, kwargs.get('cache_dir'),
-            "load a local copy with pretrained_cfg_overlay=dict(file='path/to/model.safetensors')")) from e
+            f'pretrained weights for {variant}',
+            "load a local copy with pretrained_cfg_overlay=dict(file='path/to/model.safetensors')",
+            repo_id=cfg.hf_hub_id, cache_dir=kwargs.get('cache_dir'))) from e
 
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
