@@ -19,7 +19,7 @@ from ._files import claim, writing
 from ._naming import arg
 from .loading import load_model
 
-__all__ = ['FORMATS', 'TOLERANCE', 'ExportResult', 'export_model', 'load_exported']
+__all__ = ['FORMATS', 'TOLERANCE', 'ExportResult', 'export_model', 'export_onnx', 'load_exported']
 
 FORMATS = ('onnx', 'torchscript', 'exported-program')
 SUFFIXES = {'onnx': '.onnx', 'torchscript': '.pt', 'exported-program': '.pt2'}
@@ -37,7 +37,9 @@ class ExportResult:
     size_bytes: int
 
 
-def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """Write `model` to `path` as ONNX with a dynamic batch axis ('input' -> 'logits'); `example` has a batch of 2
+    or more (torch.export specialises a batch of 1)."""
     try:
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
     except ImportError:
@@ -72,7 +74,7 @@ def _export_program(model: nn.Module, example: torch.Tensor, path: Path) -> None
 
 
 _EXPORTERS: Dict[str, Callable[[nn.Module, torch.Tensor, Path], None]] = {
-    'onnx': _export_onnx, 'torchscript': _export_torchscript, 'exported-program': _export_program}
+    'onnx': export_onnx, 'torchscript': _export_torchscript, 'exported-program': _export_program}
 
 
 def load_exported(path: Union[str, Path], fmt: str) -> Callable[[torch.Tensor], torch.Tensor]:

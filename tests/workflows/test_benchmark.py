@@ -9,7 +9,8 @@ from timm_densenet_ext import cli
 from timm_densenet_ext.benchmark import CANDIDATES, format_table, peak_memory, run_benchmark
 from timm_densenet_ext.benchmark.candidates import prepare, select
 
-INFERENCE = ['timm', 'timm channels_last', 'torchvision', 'ours', 'ours fused']
+INFERENCE = ['timm', 'timm channels_last', 'torchvision', 'ours', 'ours fused', 'onnxruntime', 'openvino f32',
+             'openvino default']
 TRAIN = ['timm', 'timm memory_efficient', 'torchvision', 'torchvision memory_efficient', 'ours',
          'ours memory_efficient']
 
@@ -36,8 +37,11 @@ def test_benchmark_writes_json_and_chart(run):
         assert r['median_s'] == pytest.approx(median) and r['images_per_s'] == pytest.approx(2 / median)
         timm_median = statistics.median(rows[(mode, 'timm')]['times_s'])
         assert r['speedup_vs_timm'] == pytest.approx(timm_median / median, rel=1e-9)
-    for name in ('ours', 'ours fused', 'torchvision', 'timm channels_last'):  # same weights, same outputs
+    # same weights, same outputs: our paths, torchvision's, and the runtimes on our ONNX export in fp32
+    for name in ('ours', 'ours fused', 'torchvision', 'timm channels_last', 'onnxruntime', 'openvino f32'):
         assert rows[('inference', name)]['max_rel_diff_vs_timm'] <= 1e-4
+    # what each costs before its first output is recorded (an ONNX export and a runtime's compile, for the runtimes)
+    assert all(r['first_output_s'] > 0 for r in rows.values())
     assert result['conv_peak_gflops'] > 0 and result['gmacs_per_image'] > 0
     assert result['machine']['torch'] and result['command'].startswith('timm-densenet-ext benchmark')
     with Image.open(out / 'benchmark.png') as im:
@@ -89,7 +93,10 @@ def test_candidates_table():
     assert [c.name for c in select('train', setup, compile=True)] == TRAIN
     assert [c.name for c in select('inference', setup, compile=True)] == [
         'timm', 'timm channels_last', 'timm channels_last compiled', 'torchvision', 'ours', 'ours fused',
-        'ours fused compiled']
+        'ours fused compiled', 'onnxruntime', 'openvino f32', 'openvino default']
+    # the runtimes take fp32 ONNX on the CPU: not under autocast
+    bf16 = prepare('densenet121', 1, 32, 'cpu', 'bfloat16', 0)
+    assert not {'onnxruntime', 'openvino f32'} & {c.name for c in select('inference', bf16, compile=False)}
     assert all(not c.memory_probe for c in CANDIDATES if c.compiled)
 
 
@@ -99,6 +106,7 @@ def test_a_variant_timm_lacks_is_measured_alone():
     result = run_benchmark('densenet_bc_100_k12', batch_size=2, img_size=32, repeats=1, compile=False, memory=False,
                            log=lambda s: None)
     assert [(r['mode'], r['name']) for r in result['results']] == [
-        ('inference', 'ours'), ('inference', 'ours fused'), ('train', 'ours'), ('train', 'ours memory_efficient')]
+        ('inference', 'ours'), ('inference', 'ours fused'), ('inference', 'onnxruntime'), ('inference', 'openvino f32'),
+        ('inference', 'openvino default'), ('train', 'ours'), ('train', 'ours memory_efficient')]
     assert all(r['speedup_vs_timm'] is None and r['max_rel_diff_vs_timm'] is None for r in result['results'])
     assert '| inference | ours fused | ' in format_table(result)

@@ -5,7 +5,7 @@ random weights and the same input for everyone) into a `Step`: a call running on
 step. A new peer is a new entry.
 """
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Dict, List, Optional
 
 import torch
@@ -30,6 +30,7 @@ class BenchSetup:
     x: torch.Tensor
     target: torch.Tensor
     references: Dict[str, Callable[..., nn.Module]]  # 'timm', 'torchvision' -> constructor, where the variant has one
+    files: Dict[str, str] = field(default_factory=dict)  # made once for several candidates (the ONNX export)
 
 
 def _always(setup: BenchSetup) -> bool:
@@ -140,6 +141,61 @@ def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, t
     opt.step()
 
 
+# --- the deployment runtimes: ONNX Runtime and OpenVINO on our own ONNX export of the same weights -----------------
+
+def _onnx_file(setup: BenchSetup) -> str:
+    """Our model with the shared weights exported to ONNX (once per setup), in a temporary folder removed when the
+    process ends."""
+    if 'onnx' in setup.files:
+        return setup.files['onnx']
+    import atexit
+    import shutil
+    import tempfile
+    from pathlib import Path
+    from ..export import export_onnx
+    folder = tempfile.mkdtemp(prefix='timm-densenet-ext-bench-')
+    atexit.register(shutil.rmtree, folder, True)
+    path = Path(folder) / 'model.onnx'
+    model = _loaded(setup, _ours(setup)).eval().cpu()
+    export_onnx(model, setup.x[:1].cpu().repeat(2, 1, 1, 1), path)
+    setup.files['onnx'] = str(path)
+    return str(path)
+
+
+def _onnx_runtime(setup: BenchSetup) -> Step:
+    """ONNX Runtime's CPU session with all graph optimisations, on torch's thread count."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(_onnx_file(setup), options, providers=['CPUExecutionProvider'])
+    x = setup.x.cpu().numpy()
+    return lambda: torch.from_numpy(session.run(None, {'input': x})[0])
+
+
+def _openvino(precision: Optional[str]) -> Callable[[BenchSetup], Step]:
+    """OpenVINO's CPU plugin on torch's thread count; `precision` its INFERENCE_PRECISION_HINT ('f32'), None its
+    default (bf16 where the CPU has it)."""
+    def build(setup: BenchSetup) -> Step:
+        import openvino as ov
+        config = {'INFERENCE_NUM_THREADS': torch.get_num_threads()}
+        if precision:
+            config['INFERENCE_PRECISION_HINT'] = precision
+        request = ov.Core().compile_model(_onnx_file(setup), 'CPU', config).create_infer_request()
+        x = setup.x.cpu().numpy()
+        return lambda: torch.from_numpy(request.infer({0: x})[0].copy())
+    return build
+
+
+def _runtime(module: str) -> Callable[[BenchSetup], bool]:
+    """Available where `module` is installed (the bench extra), on the CPU in float32 (the runtimes take fp32 ONNX)."""
+    def available(setup: BenchSetup) -> bool:
+        import importlib.util
+        return setup.device.type == 'cpu' and setup.amp_dtype is None and importlib.util.find_spec(module) is not None
+    return available
+
+
 def _has(reference: str) -> Callable[[BenchSetup], bool]:
     """Available where the variant has an implementation in `reference` ('timm', 'torchvision')."""
     return lambda setup: reference in setup.references
@@ -155,6 +211,9 @@ CANDIDATES: List[Candidate] = [
     Candidate('ours fused', 'inference', _inference(_ours, _fused)),
     Candidate('ours fused compiled', 'inference', _inference(_ours, _fused, compiled=True),
               compiled=True, memory_probe=False),
+    Candidate('onnxruntime', 'inference', _onnx_runtime, _runtime('onnxruntime'), memory_probe=False),
+    Candidate('openvino f32', 'inference', _openvino('f32'), _runtime('openvino'), memory_probe=False),
+    Candidate('openvino default', 'inference', _openvino(None), _runtime('openvino'), memory_probe=False),
     Candidate('timm', 'train', _training(_timm, False), _has('timm')),
     Candidate('timm memory_efficient', 'train', _training(_timm, True), _has('timm')),
     Candidate('torchvision', 'train', _training(_torchvision, False), _has('torchvision')),

@@ -5,12 +5,12 @@ import platform
 import re
 import statistics
 import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from .candidates import REFERENCE, BenchSetup, Step, prepare, workloads
+from .candidates import REFERENCE, BenchSetup, Step, prepare, select
 from .memory import add_peak_memory
 
 __all__ = ['run_benchmark', 'conv_peak_gflops', 'time_candidates', 'machine_info']
@@ -40,19 +40,30 @@ def conv_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32, r
     return flops / min(times) / 1e9  # the best round: a peak, not a typical speed
 
 
-def _warm_up(mode: str, fns: Dict[str, Step], log: Callable[[str], None]) -> Dict[str, float]:
-    """Call each candidate once (compiling where it compiles); in inference, each output's largest difference from
-    the reference's, relative to the reference's largest magnitude."""
+def _warm_up(mode: str, setup: BenchSetup, compile: bool,
+             log: Callable[[str], None]) -> Tuple[Dict[str, Step], Dict[str, float], Dict[str, float]]:
+    """Build each candidate and call it once (exporting and compiling where it does), outside the timed rounds.
+
+    Returns the steps, each candidate's seconds from building to its first output (what its speed costs up front)
+    and, in inference, each output's largest difference from the reference's, relative to the reference's largest
+    magnitude.
+    """
+    fns: Dict[str, Step] = {}
+    ready_s: Dict[str, float] = {}
     outputs: Dict[str, torch.Tensor] = {}
-    for k, fn in fns.items():
-        log(f'  warm-up {mode}: {k}')
-        out = fn()
+    for c in select(mode, setup, compile):
+        log(f'  warm-up {mode}: {c.name}')
+        t = time.perf_counter()
+        fns[c.name] = c.build(setup)
+        out = fns[c.name]()
+        _sync(setup.device)
+        ready_s[c.name] = time.perf_counter() - t
         if mode == 'inference':
-            outputs[k] = out.float()
+            outputs[c.name] = out.float().to(setup.device)
     if REFERENCE not in outputs:  # a variant timm does not have: nothing to compare with
-        return {}
+        return fns, ready_s, {}
     ref = outputs[REFERENCE]
-    return {k: float((v - ref).abs().max() / ref.abs().max()) for k, v in outputs.items()}
+    return fns, ready_s, {k: float((v - ref).abs().max() / ref.abs().max()) for k, v in outputs.items()}
 
 
 def time_candidates(mode: str, fns: Dict[str, Step], repeats: int, device: torch.device,
@@ -74,8 +85,7 @@ def _measure_mode(mode: str, setup: BenchSetup, compile: bool, repeats: int, gma
                   log: Callable[[str], None]) -> List[Dict[str, Any]]:
     """One result row per candidate of `mode`: its times, speed, ratio to the reference, efficiency, difference."""
     log(f'building the {mode} candidates ...')
-    fns = workloads(mode, setup, compile)
-    diffs = _warm_up(mode, fns, log)  # warm-up (and compilation) outside the timed rounds
+    fns, ready_s, diffs = _warm_up(mode, setup, compile, log)
     times = time_candidates(mode, fns, repeats, setup.device, log)
     del fns
     gc.collect()
@@ -88,7 +98,7 @@ def _measure_mode(mode: str, setup: BenchSetup, compile: bool, repeats: int, gma
             name=k, mode=mode, times_s=ts, median_s=med, images_per_s=batch_size / med,
             speedup_vs_timm=statistics.median(times[REFERENCE]) / med if REFERENCE in times else None,
             efficiency=batch_size * flops / med / 1e9 / peak,
-            max_rel_diff_vs_timm=diffs.get(k) if mode == 'inference' else None,
+            max_rel_diff_vs_timm=diffs.get(k) if mode == 'inference' else None, first_output_s=ready_s[k],
             peak_memory_mib=None, memory_vs_timm=None))
     return rows
 

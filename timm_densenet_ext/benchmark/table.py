@@ -16,13 +16,14 @@ def format_table(result: Dict[str, Any]) -> str:
         f"{mach['device']}, {mach['torch_threads']} threads; torch {mach['torch']}, timm {mach['timm']}; "
         f"median of {cfg['repeats']} interleaved rounds; 3x3-conv peak {result['conv_peak_gflops']:.0f} GFLOP/s",
         '',
-        '| mode | implementation | images/s | vs timm | peak memory (MiB) | memory vs timm | efficiency '
-        '| max rel. diff vs timm |',
-        '|---|---|---:|---:|---:|---:|---:|---:|',
+        '| mode | implementation | images/s | vs timm | first output (s) | peak memory (MiB) | memory vs timm '
+        '| efficiency | max rel. diff vs timm |',
+        '|---|---|---:|---:|---:|---:|---:|---:|---:|',
     ]
     for r in result['results']:
         lines.append(
             f"| {r['mode']} | {r['name']} | {r['images_per_s']:.1f} | {_fmt(r['speedup_vs_timm'], '.2f', 'x')} "
-            f"| {_fmt(r['peak_memory_mib'], '.0f')} | {_fmt(r['memory_vs_timm'], '.2f', 'x')} "
+            f"| {_fmt(r.get('first_output_s'), '.1f')} | {_fmt(r['peak_memory_mib'], '.0f')} "
+            f"| {_fmt(r['memory_vs_timm'], '.2f', 'x')} "
             f"| {r['efficiency'] * 100:.0f}% | {_fmt(r.get('max_rel_diff_vs_timm'), '.1e')} |")
     return '\n'.join(lines)
