@@ -7,11 +7,12 @@ from typing import Tuple
 
 from timm.models import get_arch_pretrained_cfgs, split_model_name_tag
 
-from .densenet import *  # noqa: F401,F403 (registers the variants)
-from .densenet import DenseNet, default_cfgs
+from .densenet import (  # importing it registers the variants
+    CIFAR100_MEAN, CIFAR100_STD, AtrousAvgPool2d, DenseBlock, DenseLayer, DenseNet, DenseTransition,
+    checkpoint_filter_fn, default_cfgs)
 
 __all__ = ['DenseNet', 'DenseLayer', 'DenseBlock', 'DenseTransition', 'AtrousAvgPool2d', 'default_cfgs',
-           'checkpoint_filter_fn', 'MODEL_NAMES', 'resolve_model_name']
+           'checkpoint_filter_fn', 'CIFAR100_MEAN', 'CIFAR100_STD', 'MODEL_NAMES', 'resolve_model_name']
 
 MODEL_NAMES = tuple(default_cfgs)
 

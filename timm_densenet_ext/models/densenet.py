@@ -581,7 +581,7 @@ def hub_offline_message(what: str, local_copy: str, repo_id: Optional[str] = Non
 def _create_densenet(variant: str, pretrained: bool = False, **kwargs) -> DenseNet:
     # every tap by default: the stem, each block before its transition, the final norm (4 for the CIFAR variants'
     # three blocks, where timm's default of five would not exist)
-    num_taps = len(kwargs.get('block_config', _MODEL_ARGS['densenet121']['block_config'])) + 1
+    num_taps = len(kwargs['block_config']) + 1  # every entrypoint states its blocks (_MODEL_ARGS)
     feature_cfg = dict(flatten_sequential=True, out_indices=tuple(range(num_taps)))
     feature_cfg.update(kwargs.pop('feature_cfg', None) or {})
     if kwargs.get('features_only') and kwargs.get('feature_taps') == 'norm':
