@@ -15,6 +15,7 @@ _LAZY = {
     'render_model_card': 'cards', 'write_model_cards': 'cards',
     'model_stats': 'stats',
     'fuse_for_inference': 'models.fused',
+    'optimize_for_inference': 'deploy',
     'fpn_backbone': 'models.detection',
 }
 
