@@ -36,3 +36,12 @@ def hub_cache(tmp_path, monkeypatch):
     monkeypatch.setenv('HF_HUB_CACHE', str(cache))
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     return cache
+
+
+@pytest.fixture(scope='session')
+def digits_demo(tmp_path_factory):
+    """The demo's recipe, whole (three epochs, about 40 s on one thread): a DenseNet-BC fine-tuned on real images
+    (scikit-learn's handwritten digits), for tests that measure accuracy. Returns the `demo.DemoResult`: data_dir
+    (train/ and val/) and model_dir (the hub folder, loaded with 'local-dir:')."""
+    from timm_densenet_ext.demo import run_demo
+    return run_demo(tmp_path_factory.mktemp('digits') / 'demo', progress=False, log=lambda line: None, threads=1)
