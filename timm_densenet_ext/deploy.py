@@ -26,7 +26,8 @@ import torch.nn as nn
 
 from ._naming import arg
 
-__all__ = ['PRECISIONS', 'ENGINES', 'OptimizedModel', 'optimize_for_inference', 'quantize_onnx', 'Bfloat16Model']
+__all__ = ['PRECISIONS', 'ENGINES', 'OptimizedModel', 'optimize_for_inference', 'quantize_onnx', 'load_int8_onnx',
+           'Bfloat16Model']
 
 PRECISIONS = ('fp32', 'bf16', 'int8')
 ENGINES = ('inductor', 'onnxruntime', 'openvino')
@@ -62,13 +63,14 @@ class OptimizedModel(nn.Module):
         self.onnx = onnx  # the int8 ONNX file's bytes (runtime engines), else None
         self.pretrained_cfg = dict(getattr(source, 'pretrained_cfg', {}) or {})
         self.num_classes = getattr(source, 'num_classes', None)
-        self.in_chans = getattr(source, 'in_chans', 3)
+        self.in_chans: Optional[int] = getattr(source, 'in_chans', None)
         self._run = run
         self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f'expected images shaped (batch, {self.in_chans}, height, width), got {list(x.shape)}')
+        if x.dim() != 4 or (self.in_chans is not None and x.shape[1] != self.in_chans):
+            channels = self.in_chans or 'channels'
+            raise ValueError(f'expected images shaped (batch, {channels}, height, width), got {list(x.shape)}')
         with torch.no_grad():
             return self._run(x)
 
@@ -112,8 +114,7 @@ def optimize_for_inference(
         if device.type != 'cpu':
             raise ValueError(f'int8 runs on the CPU (ONNX Runtime, OpenVINO); the model is on {device}: move it '
                              f'with model.cpu() first.')
-        onnx = quantize_onnx(model, calibration)
-        return OptimizedModel(_runtime(engine, onnx, threads), precision, engine, model, onnx=onnx)
+        return load_int8_onnx(quantize_onnx(model, calibration), model, engine=engine, threads=threads)
     fused = fuse_for_inference(model)
     if precision == 'bf16':
         fused = Bfloat16Model(fused)
@@ -131,15 +132,18 @@ def _batches(calibration: Iterable[Any]) -> Iterator[torch.Tensor]:
         yield x.detach().float().cpu()
 
 
-def quantize_onnx(model: nn.Module, calibration: Iterable[Any], out: Union[str, Path, None] = None) -> bytes:
+def quantize_onnx(model: nn.Module, calibration: Iterable[Any], out: Union[str, Path, None] = None, *,
+                  exported: Union[str, Path, None] = None) -> bytes:
     """`model` exported to ONNX and statically quantized to int8 (QDQ; weights per channel) with ONNX Runtime's tool,
-    its scales set on the `calibration` batches. Returns the file's bytes (and writes them to `out` if given)."""
+    its scales set on the `calibration` batches. Returns the file's bytes (and writes them to `out` if given).
+
+    `exported`: `model`'s float32 ONNX file (`export.export_onnx`) if there is one already: the export, most of the
+    time this takes, is skipped."""
     try:
         from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
         from onnxruntime.quantization.shape_inference import quant_pre_process
     except ImportError:
         raise ImportError(f'int8 needs onnxruntime and onnx: {_RUNTIME_PACKAGES["onnxruntime"]}.') from None
-    from .export import export_onnx
     batches = iter(_batches(calibration))
     first = next(batches, None)
     if first is None:
@@ -156,20 +160,44 @@ def quantize_onnx(model: nn.Module, calibration: Iterable[Any], out: Union[str, 
 
     with tempfile.TemporaryDirectory(prefix='timm-densenet-ext-int8-') as folder:
         fp32, prepared, quantized = (os.path.join(folder, f) for f in ('fp32.onnx', 'prepared.onnx', 'int8.onnx'))
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                export_onnx(model, first[:1].repeat(2, 1, 1, 1), Path(fp32))
-        finally:
-            model.train(was_training)
-        quant_pre_process(fp32, prepared)
+        if exported is None:
+            _export_eval(model, first[:1].repeat(2, 1, 1, 1), Path(fp32))
+        quant_pre_process(str(exported or fp32), prepared)
         quantize_static(prepared, quantized, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         data = Path(quantized).read_bytes()
     if out is not None:
         Path(out).write_bytes(data)
     return data
+
+
+def _export_eval(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """`model` exported to ONNX in eval mode, its mode restored after."""
+    from .export import export_onnx
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            export_onnx(model, example, path)
+    finally:
+        model.train(was_training)
+
+
+def load_int8_onnx(
+        onnx: Union[bytes, str, Path],
+        source: Optional[nn.Module] = None,
+        *,
+        engine: str = 'onnxruntime',
+        threads: Optional[int] = None,
+) -> OptimizedModel:
+    """An int8 ONNX file (`quantize_onnx`'s bytes, or the path of one `export --precision int8` wrote) run by
+    `engine` ('onnxruntime' or 'openvino') as an `OptimizedModel`; `source`, the model it came from, lends it its
+    `pretrained_cfg` (preprocessing)."""
+    if engine not in ('onnxruntime', 'openvino'):
+        raise ValueError(f'engine {engine!r} does not run int8 ONNX; choose onnxruntime or openvino.')
+    if not isinstance(onnx, bytes):
+        onnx = Path(onnx).read_bytes()
+    return OptimizedModel(_runtime(engine, onnx, threads), 'int8', engine, source or nn.Identity(), onnx=onnx)
 
 
 def _runtime(engine: str, onnx: bytes, threads: Optional[int]) -> Callable[[torch.Tensor], torch.Tensor]:
