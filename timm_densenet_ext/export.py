@@ -11,7 +11,6 @@ as TorchScript or an ExportedProgram, and int8 is ONNX Runtime's static quantiza
 float32 PyTorch model's on at least `MIN_TOP1_AGREEMENT` of the images of DIR/val.
 """
 import contextlib
-import inspect
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch.nn as nn
 
 from ._files import claim, writing
 from ._naming import arg
+from ._onnx import export_onnx
 from .deploy import PRECISIONS, Bfloat16Model, quantize_onnx
 from .finetune import image_dataset, image_folders
 from .loading import load_model
@@ -53,23 +53,6 @@ class ExportResult:
     images_checked: int = 0  # of checked_on
     top1_agreement: Optional[float] = None  # fraction of images_checked whose top-1 class is the fp32 model's
     max_logit_diff: Optional[float] = None  # from the fp32 model's logits, over images_checked
-
-
-def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
-    """Write `model` to `path` as ONNX with a dynamic batch axis ('input' -> 'logits'); `example` has a batch of 2
-    or more (torch.export specialises a batch of 1)."""
-    try:
-        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
-    except ImportError:
-        raise ImportError("ONNX export needs onnx and onnxscript: pip install 'timm-densenet-ext[export]'.") from None
-    batch = torch.export.Dim('batch', min=1)
-    # dynamo=True: torch.export's graph, the exporter torch recommends (the TorchScript-based one is deprecated);
-    # external_data=False keeps the weights inside the one file (DenseNets are far below ONNX's 2 GB limit; torch
-    # before 2.6 has no such argument and always did)
-    one_file = {'external_data': False} if 'external_data' in inspect.signature(torch.onnx.export).parameters else {}
-    torch.onnx.export(
-        model, (example,), str(path), input_names=['input'], output_names=['logits'],
-        dynamic_shapes=({0: batch},), dynamo=True, verbose=False, **one_file)
 
 
 @contextlib.contextmanager
