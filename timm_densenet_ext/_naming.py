@@ -64,6 +64,7 @@ OPTIONS: Dict[str, Tuple[Tuple[str, ...], Dict[str, Any]]] = {
     'repo_id': (('--repo-id',), dict(metavar='ORG/NAME')),
     'force': (('--force',), dict(action='store_true')),
     'json': (('--json',), dict(action='store_true', help='print JSON instead of text')),
+    'precision': (('--precision',), dict(choices=('fp32', 'bf16', 'int8'), default='fp32')),  # deploy.PRECISIONS
     # what the user states about the weights, for their card; nothing is assumed
     'base_model': (('--base-model',), dict(metavar='REPO|TAG', help=(
         'the Hub repository (ORG/NAME) or published tag (densenet121.ra_in1k) these weights were fine-tuned from; '
