@@ -184,7 +184,7 @@ def _kept_in_float(path: str) -> List[str]:
 
 def _export_eval(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     """`model` exported to ONNX in eval mode, its mode restored after."""
-    from .export import export_onnx
+    from ._onnx import export_onnx
     was_training = model.training
     model.eval()
     try:
