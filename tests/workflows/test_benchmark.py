@@ -1,4 +1,5 @@
 """The benchmark runs every candidate side by side and writes its table, JSON and chart (figures not asserted)."""
+import argparse
 import json
 import statistics
 
@@ -6,7 +7,7 @@ import pytest
 from PIL import Image
 
 from timm_densenet_ext import cli
-from timm_densenet_ext.benchmark import CANDIDATES, format_table, peak_memory, run_benchmark
+from timm_densenet_ext.benchmark import CANDIDATES, add_arguments, format_table, peak_memory, run_benchmark
 from timm_densenet_ext.benchmark.candidates import prepare, select
 
 INFERENCE = ['timm', 'timm channels_last', 'torchvision', 'ours', 'ours fused', 'onnxruntime', 'openvino f32',
@@ -110,3 +111,60 @@ def test_a_variant_timm_lacks_is_measured_alone():
         ('inference', 'openvino default'), ('train', 'ours'), ('train', 'ours memory_efficient')]
     assert all(r['speedup_vs_timm'] is None and r['max_rel_diff_vs_timm'] is None for r in result['results'])
     assert '| inference | ours fused | ' in format_table(result)
+
+
+# --- --precision: our deployment path (optimize_for_inference) next to the peers -----------------------------------
+
+INT8 = ['ours int8 onnxruntime', 'ours int8 openvino']
+
+
+def names(setup, compile, precisions):
+    """The inference candidates `select` measures."""
+    return [c.name for c in select('inference', setup, compile, precisions)]
+
+
+def test_benchmark_measures_our_int8_deployment(tmp_path):
+    """int8 quantized from the shared weights, calibrated on the input batch, run by both runtimes: measured with the
+    quantization in its first output's time; fp32 is asked for too, but without compiling its compiled path is not."""
+    code = cli.main(['benchmark', '-m', 'densenet121', '-b', '2', '--img-size', '32', '--repeats', '1', '--no-train',
+                     '--no-compile', '--no-memory', '--precision', 'fp32', 'int8', '--output', str(tmp_path)])
+    assert code == 0
+    result = json.loads((tmp_path / 'benchmark.json').read_text())
+    assert result['config']['precision'] == ['fp32', 'int8'] and result['config']['compile'] is False
+    rows = {r['name']: r for r in result['results']}
+    assert list(rows) == INFERENCE + INT8  # the peers kept, ours optimized fp32 (compiled) dropped
+    for name in INT8:
+        r = rows[name]
+        assert r['first_output_s'] > 0 and r['images_per_s'] > 0 and r['peak_memory_mib'] is None
+        # int8 of the same weights: near timm's fp32 output, and not it (something was quantized)
+        assert 1e-4 < r['max_rel_diff_vs_timm'] < 0.2, name
+    assert all(f'| {name} |' in format_table(result) for name in INT8)
+
+
+def test_precision_choices_on_the_command_line(capsys):
+    p = argparse.ArgumentParser()
+    add_arguments(p)  # what the CLI, `python -m timm_densenet_ext.benchmark` and benchmarks/benchmark.py parse with
+    assert p.parse_args([]).precision == ['fp32']
+    assert p.parse_args(['--precision', 'bf16', 'int8', 'fp32']).precision == ['bf16', 'int8', 'fp32']
+    with pytest.raises(SystemExit) as exit:
+        cli.main(['benchmark', '--no-train', '--precision', 'fp16'])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "argument --precision: invalid choice: 'fp16'" in err and 'int8' in err, err
+    with pytest.raises(ValueError, match=r"precisions: unknown 'fp16'; choose from fp32, bf16, int8"):
+        run_benchmark(precisions=('fp16',), log=lambda s: None)
+
+
+def test_precision_candidates_in_the_table():
+    """Each precision adds its own entries, after the peers; the compiled ones only when compiling, none probed for
+    memory (a probe would build, quantize or compile them again); int8 only where the runtimes take it (CPU, fp32)."""
+    setup = prepare('densenet121', 1, 32, 'cpu', 'float32', 0)
+    assert names(setup, True, ('fp32',)) == [
+        'timm', 'timm channels_last', 'timm channels_last compiled', 'torchvision', 'ours', 'ours fused',
+        'ours fused compiled', 'onnxruntime', 'openvino f32', 'openvino default', 'ours optimized fp32']
+    assert names(setup, True, ('fp32', 'bf16', 'int8'))[-4:] == ['ours optimized fp32', 'ours optimized bf16'] + INT8
+    assert names(setup, False, ('fp32', 'bf16', 'int8'))[-2:] == INT8  # --no-compile: no Inductor paths
+    assert [c.name for c in select('train', setup, True, ('fp32', 'bf16', 'int8'))] == TRAIN
+    bf16 = prepare('densenet121', 1, 32, 'cpu', 'bfloat16', 0)
+    assert not set(INT8) & set(names(bf16, True, ('int8',)))
+    assert all(not c.memory_probe for c in CANDIDATES if c.precision)

@@ -6,6 +6,8 @@ Ratios are against timm's built-in eager model on ordinary NCHW input. Peak memo
 resident memory during one call, measured in a separate process per candidate (the kernel's high-water mark, reset
 before the call, with glibc returning freed buffers at once), and `torch.cuda.max_memory_allocated` on a GPU.
 Efficiency is the model's nominal FLOPs per second over this machine's measured speed on a large 3x3 convolution.
+`--precision` adds our deployment path, `optimize_for_inference`, at each precision asked for (fp32 by default), its
+first-output time including the compile or the quantization.
 
     timm-densenet-ext benchmark --model densenet121 --batch-size 16 --img-size 224 --output bench/
 

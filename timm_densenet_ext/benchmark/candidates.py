@@ -2,11 +2,12 @@
 
 A candidate is a name, a mode ('inference' or 'train') and a builder that turns the shared `BenchSetup` (the same
 random weights and the same input for everyone) into a `Step`: a call running one inference batch or one training
-step. A new peer is a new entry.
+step. A new peer is a new entry. Our deployment path (`optimize_for_inference`) has an entry per precision, measured
+only when that precision is asked for (`select(..., precisions=)`, the benchmark's `--precision`).
 """
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Dict, List, Optional
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -46,6 +47,7 @@ class Candidate:
     available: Callable[[BenchSetup], bool] = _always  # False: not measured for this variant
     compiled: bool = False  # built with torch.compile: measured only when compiling is asked for
     memory_probe: bool = True  # False: building it again in a probe process would cost minutes
+    precision: Optional[str] = None  # our deployment path at this precision: measured only when it is asked for
 
 
 def prepare(model_name: str, batch_size: int, img_size: int, device: str, dtype: str, seed: int) -> BenchSetup:
@@ -188,12 +190,29 @@ def _openvino(precision: Optional[str]) -> Callable[[BenchSetup], Step]:
     return build
 
 
-def _runtime(module: str) -> Callable[[BenchSetup], bool]:
-    """Available where `module` is installed (the bench extra), on the CPU in float32 (the runtimes take fp32 ONNX)."""
+def _runtime(*modules: str) -> Callable[[BenchSetup], bool]:
+    """Available where `modules` are installed (the bench extra), on the CPU in float32 (the runtimes take fp32
+    ONNX)."""
     def available(setup: BenchSetup) -> bool:
         import importlib.util
-        return setup.device.type == 'cpu' and setup.amp_dtype is None and importlib.util.find_spec(module) is not None
+        return (setup.device.type == 'cpu' and setup.amp_dtype is None
+                and all(importlib.util.find_spec(m) is not None for m in modules))
     return available
+
+
+# --- our deployment path: optimize_for_inference at each precision, on the same weights ---------------------------
+
+def _optimized(precision: str, engine: Optional[str] = None) -> Callable[[BenchSetup], Step]:
+    """Builder of `optimize_for_inference(model, precision)` called as a user calls it (float32 images in, float32
+    logits out); int8 is calibrated on the input batch and run by `engine`. Building includes quantizing, exporting
+    and compiling, so the first output's time is what the speed costs up front."""
+    def build(setup: BenchSetup) -> Step:
+        from ..deploy import optimize_for_inference
+        model = _loaded(setup, _ours(setup)).eval()
+        calibration = [setup.x] if precision == 'int8' else None
+        optimized = optimize_for_inference(model, precision, calibration=calibration, engine=engine)
+        return lambda: optimized(setup.x)
+    return build
 
 
 def _has(reference: str) -> Callable[[BenchSetup], bool]:
@@ -214,6 +233,14 @@ CANDIDATES: List[Candidate] = [
     Candidate('onnxruntime', 'inference', _onnx_runtime, _runtime('onnxruntime'), memory_probe=False),
     Candidate('openvino f32', 'inference', _openvino('f32'), _runtime('openvino'), memory_probe=False),
     Candidate('openvino default', 'inference', _openvino(None), _runtime('openvino'), memory_probe=False),
+    Candidate('ours optimized fp32', 'inference', _optimized('fp32'), compiled=True, memory_probe=False,
+              precision='fp32'),
+    Candidate('ours optimized bf16', 'inference', _optimized('bf16'), compiled=True, memory_probe=False,
+              precision='bf16'),
+    Candidate('ours int8 onnxruntime', 'inference', _optimized('int8', 'onnxruntime'), _runtime('onnxruntime'),
+              memory_probe=False, precision='int8'),
+    Candidate('ours int8 openvino', 'inference', _optimized('int8', 'openvino'), _runtime('onnxruntime', 'openvino'),
+              memory_probe=False, precision='int8'),
     Candidate('timm', 'train', _training(_timm, False), _has('timm')),
     Candidate('timm memory_efficient', 'train', _training(_timm, True), _has('timm')),
     Candidate('torchvision', 'train', _training(_torchvision, False), _has('torchvision')),
@@ -223,9 +250,11 @@ CANDIDATES: List[Candidate] = [
 ]
 
 
-def select(mode: str, setup: BenchSetup, compile: bool) -> List[Candidate]:
-    """The candidates of `mode` measured for this variant, in table order (the compiled ones only if `compile`)."""
-    return [c for c in CANDIDATES if c.mode == mode and c.available(setup) and (compile or not c.compiled)]
+def select(mode: str, setup: BenchSetup, compile: bool, precisions: Sequence[str] = ()) -> List[Candidate]:
+    """The candidates of `mode` measured for this variant, in table order (the compiled ones only if `compile`; our
+    deployment path only at `precisions`, none by default)."""
+    return [c for c in CANDIDATES if c.mode == mode and c.available(setup) and (compile or not c.compiled)
+            and (c.precision is None or c.precision in precisions)]
 
 
 def candidate(mode: str, name: str) -> Candidate:
@@ -233,6 +262,7 @@ def candidate(mode: str, name: str) -> Candidate:
     return next(c for c in CANDIDATES if c.mode == mode and c.name == name)
 
 
-def workloads(mode: str, setup: BenchSetup, compile: bool, only: Optional[str] = None) -> Dict[str, Step]:
+def workloads(mode: str, setup: BenchSetup, compile: bool, only: Optional[str] = None,
+              precisions: Sequence[str] = ()) -> Dict[str, Step]:
     """name -> the step of each candidate of `mode` (or of candidate `only`), built now."""
-    return {c.name: c.build(setup) for c in select(mode, setup, compile) if only is None or c.name == only}
+    return {c.name: c.build(setup) for c in select(mode, setup, compile, precisions) if only is None or c.name == only}

@@ -13,6 +13,7 @@ RESULT_FILES = ('benchmark.json', 'benchmark.png')
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .._naming import add_option
+    from ..deploy import PRECISIONS
     add_option(p, 'model', 'variant to measure (default densenet121)', default='densenet121')
     add_option(p, 'batch_size', 'images per batch (default 16)', default=16)
     add_option(p, 'img_size', 'input height and width (default 224)', default=224)
@@ -26,6 +27,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                default=None, metavar='DIR')
     add_option(p, 'force', 'replace benchmark.json/.png already in --output')
     p.add_argument('--no-memory', dest='memory', action='store_false', help='skip the peak-memory measurements')
+    p.add_argument('--precision', nargs='+', choices=PRECISIONS, default=['fp32'], metavar='PRECISION',
+                   help='also measure our deployment path, optimize_for_inference, at these precisions '
+                        f'({", ".join(PRECISIONS)}): fp32 and bf16 compiled by Inductor (not with --no-compile), int8 '
+                        'calibrated on the input batch and run by ONNX Runtime and OpenVINO (CPU, float32) '
+                        '(default fp32)')
 
 
 def _exists_message(path: str) -> str:
@@ -69,7 +75,8 @@ def run_from_args(args: argparse.Namespace) -> Dict[str, Any]:
         paths = _claim_outputs(stack, args.output, args.force)
         result = run_benchmark(
             args.model, args.batch_size, args.img_size, args.repeats, args.device, args.dtype, args.train,
-            args.compile, args.memory, log=lambda s: print(s, file=sys.stderr, flush=True))
+            args.compile, args.memory, log=lambda s: print(s, file=sys.stderr, flush=True),
+            precisions=args.precision)
         result['command'] = 'timm-densenet-ext benchmark ' + ' '.join(
             sys.argv[2:] if sys.argv[1:2] == ['benchmark'] else sys.argv[1:])
         print(format_table(result))

@@ -5,7 +5,7 @@ import platform
 import re
 import statistics
 import time
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +40,10 @@ def conv_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32, r
     return flops / min(times) / 1e9  # the best round: a peak, not a typical speed
 
 
-def _warm_up(mode: str, setup: BenchSetup, compile: bool,
+def _warm_up(mode: str, setup: BenchSetup, compile: bool, precisions: Sequence[str],
              log: Callable[[str], None]) -> Tuple[Dict[str, Step], Dict[str, float], Dict[str, float]]:
-    """Build each candidate and call it once (exporting and compiling where it does), outside the timed rounds.
+    """Build each candidate and call it once (quantizing, exporting and compiling where it does), outside the timed
+    rounds.
 
     Returns the steps, each candidate's seconds from building to its first output (what its speed costs up front)
     and, in inference, each output's largest difference from the reference's, relative to the reference's largest
@@ -51,7 +52,7 @@ def _warm_up(mode: str, setup: BenchSetup, compile: bool,
     fns: Dict[str, Step] = {}
     ready_s: Dict[str, float] = {}
     outputs: Dict[str, torch.Tensor] = {}
-    for c in select(mode, setup, compile):
+    for c in select(mode, setup, compile, precisions):
         log(f'  warm-up {mode}: {c.name}')
         t = time.perf_counter()
         fns[c.name] = c.build(setup)
@@ -81,11 +82,11 @@ def time_candidates(mode: str, fns: Dict[str, Step], repeats: int, device: torch
     return times
 
 
-def _measure_mode(mode: str, setup: BenchSetup, compile: bool, repeats: int, gmacs: float, peak: float,
-                  log: Callable[[str], None]) -> List[Dict[str, Any]]:
+def _measure_mode(mode: str, setup: BenchSetup, compile: bool, precisions: Sequence[str], repeats: int, gmacs: float,
+                  peak: float, log: Callable[[str], None]) -> List[Dict[str, Any]]:
     """One result row per candidate of `mode`: its times, speed, ratio to the reference, efficiency, difference."""
     log(f'building the {mode} candidates ...')
-    fns, ready_s, diffs = _warm_up(mode, setup, compile, log)
+    fns, ready_s, diffs = _warm_up(mode, setup, compile, precisions, log)
     times = time_candidates(mode, fns, repeats, setup.device, log)
     del fns
     gc.collect()
@@ -133,21 +134,30 @@ def run_benchmark(
         memory: bool = True,
         seed: int = 0,
         log: Callable[[str], None] = print,
+        precisions: Sequence[str] = ('fp32',),
 ) -> Dict[str, Any]:
-    """Time every candidate `repeats` times, interleaved; measure peak memory; return the figures."""
+    """Time every candidate `repeats` times, interleaved; measure peak memory; return the figures.
+
+    precisions: those of `deploy.PRECISIONS` at which our deployment path (`optimize_for_inference`) is measured too.
+    """
+    from ..deploy import PRECISIONS
     from ..stats import model_stats
+    precisions = (precisions,) if isinstance(precisions, str) else tuple(precisions)
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown:
+        raise ValueError(f'precisions: unknown {unknown[0]!r}; choose from {", ".join(PRECISIONS)}.')
     setup = prepare(model_name, batch_size, img_size, device, dtype, seed)
     gmacs = model_stats(model_name, (3, img_size, img_size)).gmacs
     log(f'measuring the 3x3-convolution peak on {setup.device.type} ...')
     peak = conv_peak_gflops(setup.device, setup.amp_dtype or torch.float32)
     results: List[Dict[str, Any]] = []
     for mode in ('inference', 'train') if train else ('inference',):
-        results += _measure_mode(mode, setup, compile, repeats, gmacs, peak, log)
+        results += _measure_mode(mode, setup, compile, precisions, repeats, gmacs, peak, log)
     if memory:
         add_peak_memory(results, model_name, batch_size, img_size, device, dtype, seed, log)
     return dict(
         config=dict(model=model_name, batch_size=batch_size, img_size=img_size, repeats=repeats, device=device,
-                    dtype=dtype, train=train, compile=compile, seed=seed),
+                    dtype=dtype, train=train, compile=compile, seed=seed, precision=list(dict.fromkeys(precisions))),
         machine=machine_info(setup.device),
         gmacs_per_image=gmacs,
         conv_peak_gflops=peak,
