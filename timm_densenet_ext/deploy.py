@@ -16,6 +16,8 @@ DenseNet at each precision, and `quantize_onnx`, the int8 model it runs, as a fi
   ONNX Runtime's dropped none (`benchmarks/precision_accuracy.py`); OpenVINO stays available as `engine='openvino'`.
   An int8 ONNX file runs anywhere ONNX runs; `export --precision int8` writes it.
 """
+import contextlib
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -163,13 +165,29 @@ def quantize_onnx(model: nn.Module, calibration: Iterable[Any], out: Union[str, 
         if exported is None:
             _export_eval(model, first[:1].repeat(2, 1, 1, 1), Path(fp32))
         quant_pre_process(str(exported or fp32), prepared)
-        quantize_static(prepared, quantized, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=_kept_in_float(prepared))
+        with _quantizer_warnings_silenced():
+            quantize_static(prepared, quantized, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            nodes_to_exclude=_kept_in_float(prepared))
         data = Path(quantized).read_bytes()
     if out is not None:
         Path(out).write_bytes(data)
     return data
+
+
+@contextlib.contextmanager
+def _quantizer_warnings_silenced() -> Iterator[None]:
+    """Drop the quantizer's warnings (one per BatchNorm weight, 'Axis 1 is out-of-range ...': per-channel
+    quantization does not apply to 1-D tensors, which it then quantizes per tensor, as intended)."""
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or 'onnxruntime' not in record.pathname
+
+    root = logging.getLogger()  # the quantizer logs with logging.warning: on the root logger, through its filters
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
 
 
 def _kept_in_float(path: str) -> List[str]:
