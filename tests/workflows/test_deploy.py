@@ -66,7 +66,8 @@ def _agreement_and_accuracy(logits, expected, labels):
 
 @pytest.fixture(scope='module')
 def digits_int8(digits):
-    """The digits model quantized once, calibrated on 256 training images, run by ONNX Runtime."""
+    """The digits model quantized once, calibrated on 256 training images, run by the default engine (OpenVINO,
+    installed with the test extra)."""
     model, _, _, _, calibration = digits
     return optimize_for_inference(model, 'int8', calibration=calibration)
 
@@ -83,7 +84,7 @@ def _check_predictions_kept(optimized, digits) -> None:
 
 
 def test_int8_keeps_the_trained_models_predictions(digits_int8, digits):
-    assert (digits_int8.precision, digits_int8.engine) == ('int8', 'onnxruntime')
+    assert (digits_int8.precision, digits_int8.engine) == ('int8', 'openvino')
     _check_predictions_kept(digits_int8, digits)
 
 
@@ -93,15 +94,13 @@ def test_bf16_keeps_the_trained_models_predictions(digits):
     _check_predictions_kept(optimized, digits)
 
 
-def test_the_int8_file_runs_on_openvino_too(digits_int8, digits, tmp_path):
-    model, val_x, val_y, logits, _ = digits
+def test_the_int8_file_runs_on_onnx_runtime_as_well(digits_int8, digits, tmp_path):
+    model = digits[0]
     path = tmp_path / 'digits-int8.onnx'
     path.write_bytes(digits_int8.onnx)
-    on_openvino = load_int8_onnx(path, model, engine='openvino')
-    assert on_openvino.pretrained_cfg == model.pretrained_cfg
-    agreement, _ = _agreement_and_accuracy(on_openvino(val_x), logits, val_y)
-    # measured 98.6% on these 360 images (ONNX Runtime's run of the same file: 100%): why int8 defaults to ONNX Runtime
-    assert agreement >= 0.97, agreement
+    on_onnx_runtime = load_int8_onnx(path, model, engine='onnxruntime')
+    assert on_onnx_runtime.pretrained_cfg == model.pretrained_cfg
+    _check_predictions_kept(on_onnx_runtime, digits)
     float32_bytes = sum(p.numel() * 4 for p in model.parameters())
     assert len(digits_int8.onnx) < 0.5 * float32_bytes  # int8 weights: the file is under half the float32 size
 
