@@ -30,7 +30,7 @@ import torch.nn as nn
 from ._naming import arg
 
 __all__ = ['PRECISIONS', 'ENGINES', 'OptimizedModel', 'optimize_for_inference', 'quantize_onnx', 'load_int8_onnx',
-           'Bfloat16Model']
+           'Bfloat16Model', 'check_precision', 'fused_at']
 
 PRECISIONS = ('fp32', 'bf16', 'int8')
 ENGINES = ('inductor', 'onnxruntime', 'openvino')
@@ -102,9 +102,7 @@ def optimize_for_inference(
     With the inductor engine, the first call of each new input shape compiles (tens of seconds for densenet121 on two
     cores; torch's on-disk cache shortens the next process's). Raises ValueError naming the wrong argument.
     """
-    from .models.fused import fuse_for_inference
-    if precision not in PRECISIONS:
-        raise ValueError(f'{arg("precision", repr(precision))}: choose one of {", ".join(PRECISIONS)}.')
+    check_precision(precision)
     engine = engine or _default_engine(precision)
     usable = ('inductor',) if precision != 'int8' else ('onnxruntime', 'openvino')
     if engine not in usable:
@@ -118,11 +116,22 @@ def optimize_for_inference(
             raise ValueError(f'int8 runs on the CPU (ONNX Runtime, OpenVINO); the model is on {device}: move it '
                              f'with model.cpu() first.')
         return load_int8_onnx(quantize_onnx(model, calibration), model, engine=engine, threads=threads)
-    fused = fuse_for_inference(model)
-    if precision == 'bf16':
-        fused = Bfloat16Model(fused)
-    compiled = torch.compile(fused, dynamic=False, options={'freezing': True})
+    compiled = torch.compile(fused_at(model, precision), dynamic=False, options={'freezing': True})
     return OptimizedModel(compiled, precision, engine, model, module=compiled)
+
+
+def check_precision(precision: str) -> None:
+    """Raise ValueError unless `precision` is one of `PRECISIONS`."""
+    if precision not in PRECISIONS:
+        raise ValueError(f'{arg("precision", repr(precision))}: choose one of {", ".join(PRECISIONS)}.')
+
+
+def fused_at(model: nn.Module, precision: str) -> nn.Module:
+    """`fuse_for_inference(model)`, in bfloat16 behind a float32 interface for 'bf16': what the fp32 and bf16 paths
+    compile, and what `export --precision bf16` writes."""
+    from .models.fused import fuse_for_inference
+    fused = fuse_for_inference(model)
+    return Bfloat16Model(fused) if precision == 'bf16' else fused
 
 
 def _default_engine(precision: str) -> str:

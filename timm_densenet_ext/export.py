@@ -22,7 +22,7 @@ import torch.nn as nn
 from ._files import claim, writing
 from ._naming import arg
 from ._onnx import export_onnx
-from .deploy import PRECISIONS, Bfloat16Model, quantize_onnx
+from .deploy import PRECISIONS, check_precision, fused_at, quantize_onnx
 from .finetune import image_dataset, image_folders
 from .loading import load_model
 from .predict import preprocessing
@@ -134,8 +134,7 @@ def export_model(
 
 
 def _check_precision(precision: str, fmt: str, data_dir: Union[str, Path, None]) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f'{arg("precision", repr(precision))}: choose one of {", ".join(PRECISIONS)}.')
+    check_precision(precision)
     if precision == 'int8' and fmt != 'onnx':
         raise ValueError(f'{arg("precision", "int8")} is written as ONNX (run by ONNX Runtime); give '
                          f'{arg("fmt", "onnx")}.')
@@ -177,13 +176,12 @@ def _image_batches(folder: Path, model: nn.Module, limit: int) -> Iterable[Tuple
 def _write(model: nn.Module, fmt: str, precision: str, example: torch.Tensor, tmp: Path,
            folders: Optional[Tuple[Path, Path, List[str]]]) -> None:
     """`model` in `precision`, written to `tmp` as `fmt`."""
-    from .models.fused import fuse_for_inference
     with torch.no_grad():
         if precision == 'int8':
             assert folders is not None
             quantize_onnx(model, _image_batches(folders[0], model, CALIBRATION_IMAGES), tmp)
         elif precision == 'bf16':
-            _EXPORTERS[fmt](Bfloat16Model(fuse_for_inference(model)), example, tmp)
+            _EXPORTERS[fmt](fused_at(model, 'bf16'), example, tmp)
         else:
             _EXPORTERS[fmt](model, example, tmp)
 
