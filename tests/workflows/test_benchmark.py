@@ -12,6 +12,7 @@ from timm_densenet_ext.benchmark.candidates import prepare, select
 
 INFERENCE = ['timm', 'timm channels_last', 'torchvision', 'ours', 'ours fused', 'onnxruntime', 'openvino f32',
              'openvino default']
+INT8 = ['ours int8 onnxruntime', 'ours int8 openvino']
 TRAIN = ['timm', 'timm memory_efficient', 'torchvision', 'torchvision memory_efficient', 'ours',
          'ours memory_efficient']
 
@@ -19,8 +20,9 @@ TRAIN = ['timm', 'timm memory_efficient', 'torchvision', 'torchvision memory_eff
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp('bench')
-    code = cli.main(['benchmark', '-m', 'densenet121', '-b', '2', '--img-size', '32',
-                     '--repeats', '2', '--no-compile', '--no-memory', '--output', str(out)])
+    # one run for every test below: each ONNX export of densenet121 and the int8 quantization take most of its time
+    code = cli.main(['benchmark', '-m', 'densenet121', '-b', '2', '--img-size', '32', '--repeats', '2',
+                     '--no-compile', '--no-memory', '--precision', 'fp32', 'int8', '--output', str(out)])
     return code, out
 
 
@@ -29,7 +31,7 @@ def test_benchmark_writes_json_and_chart(run):
     assert code == 0
     result = json.loads((out / 'benchmark.json').read_text())
     rows = {(r['mode'], r['name']): r for r in result['results']}
-    assert [n for m, n in rows if m == 'inference'] == INFERENCE
+    assert [n for m, n in rows if m == 'inference'] == INFERENCE + INT8
     assert [n for m, n in rows if m == 'train'] == TRAIN
     for (mode, name), r in rows.items():
         assert len(r['times_s']) == 2 and r['images_per_s'] > 0 and 0 < r['efficiency']
@@ -115,23 +117,20 @@ def test_a_variant_timm_lacks_is_measured_alone():
 
 # --- --precision: our deployment path (optimize_for_inference) next to the peers -----------------------------------
 
-INT8 = ['ours int8 onnxruntime', 'ours int8 openvino']
-
 
 def names(setup, compile, precisions):
     """The inference candidates `select` measures."""
     return [c.name for c in select('inference', setup, compile, precisions)]
 
 
-def test_benchmark_measures_our_int8_deployment(tmp_path):
+def test_benchmark_measures_our_int8_deployment(run):
     """int8 quantized from the shared weights, calibrated on the input batch, run by both runtimes: measured with the
     quantization in its first output's time; fp32 is asked for too, but without compiling its compiled path is not."""
-    code = cli.main(['benchmark', '-m', 'densenet121', '-b', '2', '--img-size', '32', '--repeats', '1', '--no-train',
-                     '--no-compile', '--no-memory', '--precision', 'fp32', 'int8', '--output', str(tmp_path)])
+    code, out = run
     assert code == 0
-    result = json.loads((tmp_path / 'benchmark.json').read_text())
+    result = json.loads((out / 'benchmark.json').read_text())
     assert result['config']['precision'] == ['fp32', 'int8'] and result['config']['compile'] is False
-    rows = {r['name']: r for r in result['results']}
+    rows = {r['name']: r for r in result['results'] if r['mode'] == 'inference'}
     assert list(rows) == INFERENCE + INT8  # the peers kept, ours optimized fp32 (compiled) dropped
     for name in INT8:
         r = rows[name]
