@@ -8,7 +8,7 @@ top-1 and top-5 accuracy, the mean cross-entropy, per-class accuracy and the con
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -106,18 +106,21 @@ class ValidateResult:
 @dataclass(frozen=True)
 class Predictions:
     """What a model predicted for the evaluated images: their targets, the top classes (best first) and the summed
-    cross-entropy; and the seconds it took."""
+    cross-entropy; the seconds it took, and the size of its input images (C, H, W)."""
     targets: torch.Tensor
     top: torch.Tensor
     loss_sum: float
     seconds: float
+    input_size: Tuple[int, ...] = ()
 
 
 def predict_dataset(
         model: nn.Module, loader: Any, *, progress: Optional[bool] = None, desc: str = 'validate',
+        threads_for: Optional[Callable[[torch.Size], int]] = None,
 ) -> Predictions:
     """Run `model` (put in eval mode) over a loader of (images, targets) batches; an empty batch (every image of it
-    unreadable) is passed over. Keeps the top five classes of each image, not the logits, so memory stays small."""
+    unreadable) is passed over. Keeps the top five classes of each image, not the logits, so memory stays small.
+    `threads_for`: torch's CPU threads for the first batch's shape, set before it runs."""
     from tqdm.auto import tqdm
     model.eval()
     k = min(5, model.num_classes)
@@ -128,6 +131,8 @@ def predict_dataset(
                                           disable=None if progress is None else not progress):
             if len(batch_targets) == 0:
                 continue
+            if not targets and threads_for is not None:
+                torch.set_num_threads(threads_for(images.shape))
             logits = model(images)
             loss_sum += nn.functional.cross_entropy(logits.float(), batch_targets, reduction='sum').item()
             tops.append(logits.topk(k, dim=1).indices)
@@ -135,7 +140,7 @@ def predict_dataset(
     seconds = time.perf_counter() - started
     if not targets:
         return Predictions(torch.zeros(0, dtype=torch.long), torch.zeros(0, k, dtype=torch.long), 0.0, seconds)
-    return Predictions(torch.cat(targets), torch.cat(tops), loss_sum, seconds)
+    return Predictions(torch.cat(targets), torch.cat(tops), loss_sum, seconds, tuple(images.shape[1:]))
 
 
 def score(
@@ -164,22 +169,24 @@ def score(
         top5=100.0 * top5_correct / n if n and top5_correct is not None else None,
         top5_correct=top5_correct, loss=predictions.loss_sum / n if n else None, per_class=per_class,
         confusion=confusion, predicted=[str(names[c]) for c in labels] + ([OTHER] if outside.any() else []),
-        seconds=predictions.seconds, param_count=param_count)
+        seconds=predictions.seconds, param_count=param_count,
+        img_size=predictions.input_size[-1] if predictions.input_size else None)
 
 
 def evaluate_model(
         model: nn.Module, dataset: Any, *, batch_size: int = 64, progress: Optional[bool] = None,
         names: Optional[Sequence[str]] = None, labels: Optional[Sequence[int]] = None, model_name: str = '',
-        collate_fn: Any = None,
+        collate_fn: Any = None, threads_for: Optional[Callable[[torch.Size], int]] = None,
 ) -> ValidateResult:
     """Classify a labelled dataset ((image tensor, model class index) items) with `model` and score it: the one
     measurement `validate` reports and `finetune` picks its best epoch by. `names`: the model's class names (default
-    'class N'); `labels`: as `score` takes them; `collate_fn`: the DataLoader's (one that skips unreadable images)."""
+    'class N'); `labels`: as `score` takes them; `collate_fn`: the DataLoader's (one that skips unreadable images);
+    `threads_for`: as `predict_dataset` takes it."""
     if not model.num_classes:
         raise ValueError('the model has no classifier (num_classes=0); give a model that classifies.')
     loader = torch.utils.data.DataLoader(  # no worker processes: reading small images is not the slow part
         dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
-    predictions = predict_dataset(model, loader, progress=progress)
+    predictions = predict_dataset(model, loader, progress=progress, threads_for=threads_for)
     names = list(names) if names is not None else [f'class {i}' for i in range(model.num_classes)]
     return score(predictions, names, labels=labels, model=model_name,
                  param_count=sum(p.numel() for p in model.parameters()), num_classes=model.num_classes)

@@ -182,12 +182,11 @@ def evaluate(
         threads: Optional[int] = None,
 ) -> Tuple[int, int]:
     """(correct, total) top-1 predictions of `model` (put in eval mode) over a labelled dataset, on the CPU threads
-    `choose_threads` picks for its images (`threads` if given); torch's thread count is restored afterwards.
+    `choose_threads` picks for its batches (`threads` if given); torch's thread count is restored afterwards.
     Measured by the code `validate` reports with (`_evaluation.evaluate_model`)."""
     from ._evaluation import evaluate_model
-    if len(dataset):
-        torch.set_num_threads(choose_threads(batch_size, dataset[0][0].shape, _width(model), threads))
-    result = evaluate_model(model, dataset, batch_size=batch_size, progress=progress)
+    result = evaluate_model(model, dataset, batch_size=batch_size, progress=progress,
+                            threads_for=lambda shape: choose_threads(batch_size, shape, _width(model), threads))
     return result.correct, result.evaluated
 
 

@@ -166,8 +166,7 @@ def _prepare(model: nn.Module, data: Union[str, Path, torch.utils.data.Dataset],
                              f'transform: leave it out.')
         if not len(data):
             raise ValueError('the dataset holds no images; give one with labelled images.')
-        size = tuple(data[0][0].shape)  # what its own transform made, not the model's default
-        return _Data(data, None, None, None, dict(input_size=size, crop_pct=None, interpolation=None))
+        return _Data(data, None, None, None, {})  # its own transform: sizes as it makes them
     config = _data_config(model, img_size)
     folder = _image_folder(data)
     folders, files = _samples(folder)
@@ -180,10 +179,10 @@ def _measure(model: nn.Module, data: _Data, batch_size: int, progress: Optional[
              model_name: str) -> ValidateResult:
     previous = torch.get_num_threads()
     try:
-        torch.set_num_threads(choose_threads(batch_size, data.config['input_size'], _width(model), threads))
-        result = evaluate_model(model, data.dataset, batch_size=batch_size, progress=progress,
-                                names=class_names(model), labels=data.labels, model_name=model_name,
-                                collate_fn=data.collate)
+        result = evaluate_model(
+            model, data.dataset, batch_size=batch_size, progress=progress, names=class_names(model),
+            labels=data.labels, model_name=model_name, collate_fn=data.collate,
+            threads_for=lambda shape: choose_threads(batch_size, shape, _width(model), threads))
     finally:
         torch.set_num_threads(previous)
     unreadable = data.collate.unreadable if data.collate is not None else []
@@ -192,7 +191,8 @@ def _measure(model: nn.Module, data: _Data, batch_size: int, progress: Optional[
     config = data.config
     return dataclasses.replace(
         result, images=len(data.dataset), unreadable=unreadable, data_dir=data.folder,
-        img_size=config['input_size'][-1], crop_pct=config.get('crop_pct'), interpolation=config.get('interpolation'))
+        img_size=config['input_size'][-1] if config else result.img_size, crop_pct=config.get('crop_pct'),
+        interpolation=config.get('interpolation'))
 
 
 def validate_model(

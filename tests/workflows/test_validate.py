@@ -192,6 +192,7 @@ def test_a_100_class_confusion_picture_stays_readable():
     with torch.no_grad():
         logits = model(data.tensors[0]).numpy()
     assert result.confusion.shape == (100, 100) and result.evaluated == 200
+    assert (result.img_size, result.crop_pct, result.data_dir) == (16, None, None)  # the dataset's own, not a default
     assert result.top5 == pytest.approx(100 * top_k_accuracy_score(data.tensors[1], logits, k=5, labels=range(100)))
 
     figure = confusion_figure(result)
