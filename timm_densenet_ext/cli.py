@@ -212,6 +212,39 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _validate_arguments(p: argparse.ArgumentParser) -> None:
+    _add_model(p, positional=False)
+    _option(p, 'data_dir', 'the images: DIR/val/CLASS/IMAGE if DIR/val exists, else DIR/CLASS/IMAGE; class folders '
+                           "are matched to the model's class names", required=True)
+    _add_weights(p, 'measure')
+    _option(p, 'batch_size', 'images per forward pass (default 64)', default=64)
+    _option(p, 'img_size', "measure at this input size (default: the model's)")
+    _add_output(p, 'a folder to write results.json and confusion.png into', required=False)
+    _option(p, 'force', 'replace results.json and confusion.png in --output')
+    _option(p, 'threads')
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .validate import validate
+    result = validate(args.model, args.data_dir, pretrained=args.pretrained, weights=args.checkpoint,
+                      batch_size=args.batch_size, img_size=args.img_size, output=args.output, force=args.force,
+                      threads=args.threads)
+    for line in result.unreadable:
+        print(f'timm-densenet-ext validate: skipped: {line}', file=sys.stderr)
+    skipped = f', {len(result.unreadable)} unreadable skipped' if result.unreadable else ''
+    print(f'{args.model} on {result.data_dir}: {result.evaluated} of {result.images} images{skipped}, '
+          f'{len(result.classes)} classes, {result.img_size} px')
+    top5 = f'  top-5 {result.top5:.2f}% ({result.top5_correct}/{result.evaluated})' if result.top5 is not None else ''
+    print(f'top-1 {result.top1:.2f}% ({result.correct}/{result.evaluated}){top5}  loss {result.loss:.4f}  '
+          f'{result.images_per_second:.1f} images/s')
+    worst = ', '.join(f'{c.name} {c.accuracy:.1f}% ({c.correct}/{c.images})' for c in result.worst(5)
+                      if c.correct < c.images)
+    print(f'worst classes: {worst or "none, every image right"}')
+    for path in result.files:
+        print(f'wrote {path}')
+    return 0
+
+
 def _export_arguments(p: argparse.ArgumentParser) -> None:
     _add_model(p)
     p.add_argument('--format', required=True, choices=('onnx', 'torchscript', 'exported-program'),
@@ -364,6 +397,8 @@ _COMMANDS: Dict[str, _Command] = {  # name: (its arguments, what it runs, its he
     'predict': (_predict_arguments, _cmd_predict, 'classify images: top-k class names and probabilities'),
     'finetune': (_finetune_arguments, _cmd_finetune,
                  'fine-tune on an image folder (DIR/train, DIR/val) and write a hub folder'),
+    'validate': (_validate_arguments, _cmd_validate,
+                 'measure a model on an image folder: top-1/top-5, per-class accuracy, confusion matrix'),
     'export': (_export_arguments, _cmd_export,
                'export to ONNX, TorchScript or torch.export (fp32, bf16 or int8), checked against PyTorch'),
     'demo': (_demo_arguments, _cmd_demo,
@@ -382,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser = argparse.ArgumentParser(
         prog='timm-densenet-ext',
-        description='DenseNet variants for timm: classify, fine-tune, export, inspect, convert, publish.')
+        description='DenseNet variants for timm: classify, fine-tune, validate, export, inspect, convert, publish.')
     parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}',
                         help="print this tool's version and exit")
     sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')

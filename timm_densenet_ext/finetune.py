@@ -182,18 +182,12 @@ def evaluate(
         threads: Optional[int] = None,
 ) -> Tuple[int, int]:
     """(correct, total) top-1 predictions of `model` (put in eval mode) over a labelled dataset, on the CPU threads
-    `choose_threads` picks for its batches (`threads` if given); torch's thread count is restored afterwards."""
-    from tqdm.auto import tqdm
-    model.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)  # no workers: small work
-    correct = 0
-    with torch.no_grad():
-        for i, (images, targets) in enumerate(
-                tqdm(loader, desc='validate', leave=False, disable=_disable(progress), unit='batch')):
-            if i == 0:
-                torch.set_num_threads(choose_threads(batch_size, images.shape, _width(model), threads))
-            correct += (model(images).argmax(dim=1) == targets).sum().item()
-    return correct, len(dataset)
+    `choose_threads` picks for its batches (`threads` if given); torch's thread count is restored afterwards.
+    Measured by the code `validate` reports with (`_evaluation.evaluate_model`)."""
+    from ._evaluation import evaluate_model
+    result = evaluate_model(model, dataset, batch_size=batch_size, progress=progress,
+                            threads_for=lambda shape: choose_threads(batch_size, shape, _width(model), threads))
+    return result.correct, result.evaluated
 
 
 def _width(model: nn.Module) -> int:

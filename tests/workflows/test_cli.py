@@ -70,8 +70,8 @@ def _subcommands():
 
 def test_every_option_has_help_and_timm_s_names():
     parser, commands = _subcommands()
-    assert set(commands) == {'list', 'info', 'predict', 'finetune', 'export', 'demo', 'benchmark', 'convert', 'card',
-                             'push'}
+    assert set(commands) == {'list', 'info', 'predict', 'finetune', 'validate', 'export', 'demo', 'benchmark',
+                             'convert', 'card', 'push'}
     for name, p in commands.items():
         for action in p._actions:
             assert action.help and action.help != argparse.SUPPRESS, f'{name} {action.option_strings or action.dest}'
@@ -81,6 +81,8 @@ def test_every_option_has_help_and_timm_s_names():
     timm_names = {  # timm's scripts' names, with this tool's earlier ones kept as aliases
         'predict': [('--topk', '--top-k'), ('--checkpoint', '--weights'), ('-b', '--batch-size')],
         'finetune': [('--data-dir', '--data'), ('--output', '--out'), ('--checkpoint', '--weights'),
+                     ('-b', '--batch-size'), ('--img-size',), ('--pretrained',)],
+        'validate': [('--data-dir', '--data'), ('--output', '--out'), ('--checkpoint', '--weights'),
                      ('-b', '--batch-size'), ('--img-size',), ('--pretrained',)],
         'export': [('--output', '--out'), ('--checkpoint', '--weights')],
         'convert': [('--output', '--out'), ('--checkpoint', '--weights')],
@@ -103,6 +105,12 @@ def test_every_option_has_help_and_timm_s_names():
      dict(model='densenet121', data_dir='d', output='o', batch_size=8)),
     (['finetune', '--model', 'densenet121', '--data', 'd', '--out', 'o', '--batch-size', '8'],
      dict(model='densenet121', data_dir='d', output='o', batch_size=8)),
+    (['validate', '-m', 'densenet121', '--pretrained', '--data-dir', 'd', '-b', '8', '--img-size', '256', '--output',
+      'o', '--force', '--threads', '1'],
+     dict(model='densenet121', pretrained=True, data_dir='d', batch_size=8, img_size=256, output='o', force=True,
+          threads=1)),
+    (['validate', '--model', 'local-dir:m', '--data', 'd', '--out', 'o', '--checkpoint', 'w.pth'],
+     dict(model='local-dir:m', data_dir='d', output='o', checkpoint='w.pth', batch_size=64)),
     (['export', '-m', 'densenet121', '--format', 'onnx', '--output', 'f.onnx'],
      dict(model='densenet121', output='f.onnx')),
     (['export', 'densenet121', '--format', 'onnx', '--out', 'f.onnx'], dict(model='densenet121', output='f.onnx')),
