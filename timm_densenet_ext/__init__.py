@@ -17,6 +17,7 @@ _LAZY = {
     'fuse_for_inference': 'models.fused',
     'optimize_for_inference': 'deploy',
     'fpn_backbone': 'models.detection',
+    'validate': 'validate', 'ValidateResult': 'validate',
 }
 
 __all__ = ['DenseNet', 'DenseLayer', 'DenseBlock', 'DenseTransition', 'MODEL_NAMES', 'checkpoint_filter_fn',
