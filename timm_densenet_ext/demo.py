@@ -86,6 +86,7 @@ def next_steps(out_dir: Path, model_dir: Path, example: Path, tool: str = 'timm-
     return [
         'next:',
         f'  {tool} predict -m {model} {shlex.quote(str(example))}',
+        f'  {tool} validate -m {model} --data-dir {shlex.quote(str(out_dir / "data"))}',
         f'  {tool} export -m {model} --format {fmt} --output {shlex.quote(str(out_dir / ("digits." + suffix)))}',
         f'  {tool} push {folder} --repo-id ORG/NAME --dry-run',
         f'  load it in Python: {load_code(model_dir)}',

@@ -86,7 +86,7 @@ def test_says_where_everything_went_and_the_next_commands_work(demo_run, capsys)
     assert f'Everything is in {out}/:' in printed
     assert f'{out / "data"}/' in printed and f'{out / demo.MODEL_FOLDER}/' in printed
     commands = [line.strip() for line in printed.splitlines() if line.strip().startswith('timm-densenet-ext ')]
-    assert [c.split()[1] for c in commands] == ['predict', 'export', 'push']
+    assert [c.split()[1] for c in commands] == ['predict', 'validate', 'export', 'push']
     predict = shlex.split(commands[0])[1:]
     assert main(predict) == 0
     result = capsys.readouterr().out.splitlines()

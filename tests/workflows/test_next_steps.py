@@ -78,13 +78,16 @@ def test_the_demo_s_next_steps_run_as_printed(demo_dir):
     steps = _next_steps(printed)
     tool = shlex.quote(str(BIN / 'timm-densenet-ext'))  # as the user ran it: the shell would not find the bare name
     assert [s.split()[1] if s.startswith(tool) else s.split(':')[0] for s in steps] == [
-        'predict', 'export', 'push', 'load it in Python']
+        'predict', 'validate', 'export', 'push', 'load it in Python']
     results = {step: _run_step(step, cwd) for step in steps}
     for step, proc in results.items():
         assert proc.returncode == 0, f'{step}\n{proc.stderr}'
         assert 'Traceback' not in proc.stderr
-    predict, export, push, python = results.values()
+    predict, validate, export, push, python = results.values()
     assert predict.stdout.splitlines()[0].endswith('.png') and len(predict.stdout.splitlines()) == 6
+    # the quick start's extra (demo) is enough: the summary, no files without --output
+    assert ' on densenet-demo/data/val: 360 of 360 images, 10 classes' in validate.stdout
+    assert re.search(r'^top-1 \d+\.\d\d% \(\d+/360\)  top-5 ', validate.stdout, flags=re.M), validate.stdout
     assert (cwd / 'densenet-demo' / 'digits.onnx').is_file() and 'matches PyTorch' in export.stdout
     # push --dry-run: the card shown is rendered for the repository given, from the folder's own facts
     assert 'would upload to ORG/NAME' in push.stdout and 'dry run: nothing was uploaded.' in push.stdout
@@ -97,7 +100,7 @@ def test_without_the_export_extra_the_demo_suggests_an_export_that_needs_nothing
     """The quick start installs the demo extra only: no onnx. The export then offered is torch.export's, and runs."""
     cwd, _ = demo_dir
     folder = Path('densenet-demo') / MODEL_FOLDER
-    export = next_steps(Path('densenet-demo'), folder, Path('x.png'), onnx=False)[2].strip()
+    export = next_steps(Path('densenet-demo'), folder, Path('x.png'), onnx=False)[3].strip()
     assert '--format exported-program' in export and 'digits.pt2' in export
     proc = _run(export, cwd)
     assert proc.returncode == 0, proc.stderr
