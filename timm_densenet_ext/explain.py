@@ -15,6 +15,7 @@ from typing import Any, Iterator, List, Optional, Tuple, Union
 import numpy as np
 import torch
 import torch.nn as nn
+from PIL import Image
 
 from ._naming import arg
 
@@ -28,7 +29,7 @@ METHODS = {
 _INSTALL_HINT = "pip install 'timm-densenet-ext[explain]' (pytorch-grad-cam, package grad-cam)"
 _FEATURE_WRAPPERS = ('FeatureListNet', 'FeatureDictNet', 'FeatureHookNet', 'FeatureGetterNet', 'FeatureGraphNet')
 
-ImageInput = Union[str, Path, 'PIL.Image.Image', torch.Tensor]  # noqa: F821
+ImageInput = Union[str, Path, 'Image.Image', torch.Tensor]  # a file, a PIL image, or a preprocessed tensor
 
 
 def target_layer(model: nn.Module) -> nn.Module:
@@ -75,7 +76,7 @@ def _feature_tap(model: nn.Module) -> nn.Module:
 
 def _cam_class(method: str) -> Any:
     if method not in METHODS:
-        raise ValueError(f'{arg("method", method)}: unknown; give one of {", ".join(METHODS)}.')
+        raise ValueError(f'method={method!r}: unknown; give one of {", ".join(METHODS)}.')
     try:
         import pytorch_grad_cam
     except ImportError:
@@ -95,11 +96,11 @@ def _class_index(model: nn.Module, target: Union[int, str, None], method: str) -
     n = _num_classes(model)
     if method == 'eigencam':
         if target is not None:
-            raise ValueError(f'{arg("method", "eigencam")} maps the features, not a class; leave out the target.')
+            raise ValueError("method='eigencam' maps the features, not a class; leave out the target.")
         return None
     if n == 0:
         raise ValueError(f'{type(model).__name__}: returns no class scores (features_only, pruned, or num_classes=0); '
-                         f'use {arg("method", "eigencam")}, which needs no class, or a model that classifies.')
+                         f"use method='eigencam', which needs no class, or a model that classifies.")
     if isinstance(target, str):
         names = _names(model)
         if target not in names:
@@ -111,7 +112,7 @@ def _class_index(model: nn.Module, target: Union[int, str, None], method: str) -
 
 
 def _names(model: nn.Module) -> List[str]:
-    from .predict import class_names
+    from .model_io import class_names
     if not hasattr(model, 'pretrained_cfg'):
         raise ValueError(f'{type(model).__name__}: keeps no class names; give the class as an index.')
     return class_names(model)
@@ -131,10 +132,8 @@ def _device(model: nn.Module) -> torch.device:
 
 def _preprocessed(model: nn.Module, image: ImageInput) -> Tuple[torch.Tensor, np.ndarray]:
     """The model's input (1, C, H, W) and the picture it shows (H, W, 3 floats in 0..1, before normalisation)."""
-    from PIL import Image
-
     from .images import read_image
-    from .predict import preprocessing
+    from .model_io import preprocessing
     cfg = getattr(model, 'pretrained_cfg', None)
     if isinstance(image, torch.Tensor):
         x = image if image.dim() == 4 else image.unsqueeze(0)
@@ -226,7 +225,6 @@ def explain(
 
 
 def _write_overlay(seen: np.ndarray, heatmap: np.ndarray, path: Path, force: bool) -> None:
-    from PIL import Image
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
     from ._files import writing

@@ -4,7 +4,7 @@ when asked, each image's class activation map as a PNG overlay (`explain`)."""
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -12,6 +12,7 @@ import torch.nn as nn
 from ._naming import arg
 from .images import UnreadableImage, read_image
 from .loading import load_model
+from .model_io import class_names, imagenet_label_config, preprocessing
 
 __all__ = ['Prediction', 'imagenet_label_config', 'class_names', 'preprocessing', 'classify', 'predict']
 
@@ -24,40 +25,6 @@ class Prediction:
     top: List[Tuple[int, str, float]] = field(default_factory=list)
     error: Optional[str] = None
     cam: Optional[str] = None
-
-
-def imagenet_label_config(model: nn.Module) -> Dict[str, Any]:
-    """`label_names` (WordNet ids) and `label_descriptions` of the ImageNet subset whose number of classes the model
-    has (timm's `infer_imagenet_subset` and `ImageNetInfo`), as a hub folder's config.json holds them; else {}."""
-    from timm.data import ImageNetInfo, infer_imagenet_subset
-    subset = infer_imagenet_subset(model)
-    if not subset:
-        return {}
-    info = ImageNetInfo(subset)
-    return dict(label_names=list(info.label_names()), label_descriptions=info.label_descriptions(as_dict=True))
-
-
-def class_names(model: nn.Module) -> List[str]:
-    """A name per class: the config's `label_names` (with their `label_descriptions`), ImageNet's descriptions
-    for a model with the classes of an ImageNet subset, else 'class N'."""
-    cfg, n = model.pretrained_cfg, model.num_classes
-    names = cfg.get('label_names')
-    if isinstance(names, dict):  # timm allows {index: name} when indices have gaps
-        names = [names.get(i, names.get(str(i), f'class {i}')) for i in range(n)]
-    descriptions = cfg.get('label_descriptions') or {}
-    if not (names and len(names) == n):
-        imagenet = imagenet_label_config(model)
-        names, descriptions = imagenet.get('label_names'), imagenet.get('label_descriptions')
-    if not names:
-        return [f'class {i}' for i in range(n)]
-    return [str(descriptions.get(name, name)) for name in names]
-
-
-def preprocessing(model: nn.Module):
-    """The model's eval transform from its pretrained config: timm's `resolve_data_config` and `create_transform`
-    (for crop_pct 0.875, bicubic, 224 px: resize the shorter side to 256, center-crop 224, normalize)."""
-    import timm
-    return timm.data.create_transform(**timm.data.resolve_data_config(model=model))
 
 
 def classify(

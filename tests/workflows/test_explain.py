@@ -57,7 +57,7 @@ def test_target_layer_of_features_only_is_its_deepest_tap(feature_cls, taps, mod
     assert target_layer(model) is model.get_submodule(module)
     heatmap = explain(model, torch.randn(3, 32, 32), method='eigencam')  # features only: no class to explain
     assert heatmap.shape == (32, 32) and heatmap.max() == pytest.approx(1, abs=1e-4)
-    with pytest.raises(ValueError, match='returns no class scores .* use method=eigencam'):
+    with pytest.raises(ValueError, match="returns no class scores .* use method='eigencam'"):
         explain(model, torch.randn(3, 32, 32))
 
 
@@ -113,7 +113,7 @@ def test_targets_by_name_index_or_top_class(tiny, tmp_path):
         explain(model, image, 'zebra')
     with pytest.raises(ValueError, match=r'^class index 3: the model has classes 0 to 2'):
         explain(model, image, 3)
-    with pytest.raises(ValueError, match=r'^method=scorecam: unknown; give one of gradcam, gradcam\+\+'):
+    with pytest.raises(ValueError, match=r"^method='scorecam': unknown; give one of gradcam, gradcam\+\+"):
         explain(model, image, method='scorecam')
     for method in ('gradcam++', 'hirescam', 'xgradcam', 'layercam', 'eigencam'):
         assert explain(model, image, method=method).shape == (16, 16)
@@ -191,21 +191,21 @@ def _load_cam_localization():
 
 
 def test_maps_point_at_the_shape_that_decides_the_class(tmp_path):
-    """benchmarks/cam_localization.py at a smaller size (about 35 s on one thread): a DenseNet fine-tuned by
+    """benchmarks/cam_localization.py at a smaller size (about 40 s on one thread): a DenseNet fine-tuned by
     `finetune` on generated shapes on clutter; the Grad-CAM peak of correctly classified held-out images lies inside
-    the shape's box for 80% or more of them, and far less often once the weights are shuffled."""
+    the shape's box for 80% or more of them, and far less often in five copies with their weights shuffled."""
     bench = _load_cam_localization()
     samples = bench.write_shapes(tmp_path, train=200, val=20, test=30)
     model, _ = bench.train_model(tmp_path, epochs=6, log=lambda line: None)
-    fine_tuned = bench.localization(model, samples)
-    shuffled = bench.localization(bench.shuffled(model), samples)
+    fine_tuned = bench.localization([model], samples)
+    shuffled = bench.localization([bench.shuffled(model, seed) for seed in range(5)], samples)
     assert fine_tuned['correct'] >= 0.8 * len(samples)
-    assert fine_tuned['fraction'] >= 0.8
-    assert shuffled['fraction'] <= fine_tuned['fraction'] - 0.4
-    assert shuffled['fraction_true_class'] <= fine_tuned['fraction_true_class'] - 0.4
+    assert fine_tuned['fraction'] >= 0.8 and fine_tuned['fraction_true_class'] >= 0.8
+    assert shuffled['fraction'] <= fine_tuned['fraction'] - 0.3
+    assert shuffled['fraction_true_class'] <= 0.5
 
-    # the fused inference model's map (its last block, before the folded final norm) is nearly the same
+    # the fused inference model's map (its last block, before the folded final norm) is nearly the model's
     fused = fuse_for_inference(model)
     for s in samples[:10]:
-        x = bench.explain_input(model, s.path)[0]
+        x = timm.data.create_transform(**timm.data.resolve_data_config(model=model))(Image.open(s.path))
         assert np.corrcoef(explain(model, x, s.label).ravel(), explain(fused, x, s.label).ravel())[0, 1] > 0.9
