@@ -2,7 +2,7 @@
 
 The maps are pytorch-grad-cam's (package `grad-cam`, the `explain` extra): Grad-CAM by default, or another of its
 methods. What is ours: the layer they weigh (`target_layer`: the final feature map, before the pool, of every form a
-DenseNet takes here), the model's own preprocessing (`predict.preprocessing`, `images.read_image`), and the overlay
+DenseNet takes here), the model's own preprocessing (`model_io.preprocessing`, `images.read_image`), and the overlay
 of the map on the image the model saw, written as PNG through `_files`.
 
 Gradients are taken at that layer only: everything before it runs without autograd, so the map costs about one
@@ -38,8 +38,8 @@ def target_layer(model: nn.Module) -> nn.Module:
     A DenseNet (any stem, `output_stride` 8/16/32): `features.norm5`, the final BN-ReLU. Pruned by
     `prune_intermediate_layers`: the last module kept (a dense block, or the kept transition's norm). `features_only`
     (every `feature_cls`): the module of the deepest tap it returns. The fused inference model
-    (`fuse_for_inference`), whose final norm is folded into its forward: its last dense block. Anything else:
-    ValueError.
+    (`fuse_for_inference`), whose final norm is folded into its forward: its last dense block, whose maps are close
+    to the unfused model's but not the same. Anything else: ValueError.
     """
     from .models.densenet import DenseNet, DenseTransition
     from .models.fused import FusedDenseNet
@@ -61,8 +61,7 @@ def _feature_tap(model: nn.Module) -> nn.Module:
     name = info.info[max(info.out_indices)]['module']
     first, _, rest = name.partition('.')
     flat = f'{first}_{rest}'  # flatten_sequential: 'features.norm5' -> 'features_norm5'
-    owners = [getattr(model, attr) for attr in ('model', 'graph_module') if isinstance(getattr(model, attr, None),
-                                                                                         nn.Module)]
+    owners = [m for m in (getattr(model, 'model', None), getattr(model, 'graph_module', None)) if m is not None]
     graph = getattr(getattr(model, 'graph_module', None), 'graph', None)
     if graph is not None and not any(n.op == 'call_module' and n.target == name for n in graph.nodes):
         raise ValueError(f"{type(model).__name__}: torch.fx traced through {name}, so no module gives its output; "

@@ -104,8 +104,8 @@ def predict(
         return classify(model, images, top_k=top_k, batch_size=batch_size)
     from .explain import _cam_class
     _cam_class('gradcam')  # pytorch-grad-cam is installed
-    destinations = _cam_paths(images, Path(cam_dir), force)
     class_index = None if cam_class is None else _class_index(model, cam_class)
+    destinations = _cam_paths(images, Path(cam_dir), force)
     results = classify(model, images, top_k=top_k, batch_size=batch_size)
     return [_with_cam(model, r, path, class_index, force) for r, path in zip(results, destinations)]
 

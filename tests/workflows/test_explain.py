@@ -2,6 +2,7 @@
 DenseNet, the model's own preprocessing, PNG overlays written safely, and maps that point at the evidence."""
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -209,3 +210,14 @@ def test_maps_point_at_the_shape_that_decides_the_class(tmp_path):
     for s in samples[:10]:
         x = timm.data.create_transform(**timm.data.resolve_data_config(model=model))(Image.open(s.path))
         assert np.corrcoef(explain(model, x, s.label).ravel(), explain(fused, x, s.label).ravel())[0, 1] > 0.9
+
+
+def test_without_pytorch_grad_cam_predict_cam_says_what_to_install(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, 'pytorch_grad_cam', None)  # as if it were not installed
+    image = write_image(tmp_path / 'a.png')
+    code, out, err = run_cli(['predict', '-m', f'local-dir:{tiny}', str(image), '--cam', str(tmp_path / 'cams')],
+                             capsys)
+    assert code == 2 and out == '' and err == (
+        "timm-densenet-ext predict: error: class activation maps need pytorch-grad-cam: pip install "
+        "'timm-densenet-ext[explain]' (pytorch-grad-cam, package grad-cam).\n")
+    assert not (tmp_path / 'cams').exists()
