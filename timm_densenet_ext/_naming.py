@@ -26,6 +26,7 @@ FLAGS = {
     'repo_id': '--repo-id',
     'num_classes': '--num-classes',
     'top_k': '--topk',
+    'cam_dir': '--cam',
     'batch_size': '--batch-size',
     'img_size': '--img-size',
     'epochs': '--epochs',

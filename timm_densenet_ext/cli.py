@@ -149,21 +149,31 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     _option(p, 'topk', 'classes shown per image (default 5)', default=5)
     _option(p, 'batch_size', 'images per forward pass (default 16)', default=16)
     _option(p, 'json')
+    p.add_argument('--cam', metavar='DIR', help="write each image's class activation map (Grad-CAM of its top class) "
+                                                'over the image the model saw, as DIR/<image name>.png (needs the '
+                                                "'explain' extra: pytorch-grad-cam)")
+    p.add_argument('--cam-class', metavar='NAME', help='map this class instead of the top one (a class name as '
+                                                       'printed)')
+    _option(p, 'force', 'replace existing files in --cam DIR')
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict
     results = predict(args.model, args.images, pretrained=args.pretrained, weights=args.checkpoint, top_k=args.topk,
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size, cam_dir=args.cam, cam_class=args.cam_class, force=args.force)
     if args.json:
         print(json.dumps([dict(path=r.path, error=r.error, top=[
-            dict(index=i, label=label, probability=p) for i, label, p in r.top]) for r in results], indent=2))
+            dict(index=i, label=label, probability=p) for i, label, p in r.top],
+            **({} if args.cam is None else dict(cam=r.cam))) for r in results], indent=2))
     else:
         for r in results:
             if r.error is None:
                 print(r.path)
                 for _, label, p in r.top:
                     print(f'  {100 * p:6.2f}%  {label}')
+        for r in results:
+            if r.cam is not None:
+                print(f'wrote {r.cam}: Grad-CAM of {args.cam_class or r.top[0][1]!r} on {r.path}')
     sys.stdout.flush()
     for r in results:
         if r.error is not None:

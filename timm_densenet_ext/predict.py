@@ -1,8 +1,10 @@
 """Classify images: the model's own preprocessing (timm's `resolve_data_config` / `create_transform`), its class
-names (a hub folder's `label_names`, or ImageNet's from timm's `ImageNetInfo`), top-k labels and probabilities."""
+names (a hub folder's `label_names`, or ImageNet's from timm's `ImageNetInfo`), top-k labels and probabilities; and,
+when asked, each image's class activation map as a PNG overlay (`explain`)."""
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -10,50 +12,19 @@ import torch.nn as nn
 from ._naming import arg
 from .images import UnreadableImage, read_image
 from .loading import load_model
+from .model_io import class_names, imagenet_label_config, preprocessing
 
 __all__ = ['Prediction', 'imagenet_label_config', 'class_names', 'preprocessing', 'classify', 'predict']
 
 
 @dataclass(frozen=True)
 class Prediction:
-    """The top classes of one image, best first, as (class index, class name, probability); or why it failed."""
+    """The top classes of one image, best first, as (class index, class name, probability); or why it failed; and
+    the class activation map written for it (`predict(cam_dir=...)`), if any."""
     path: str
     top: List[Tuple[int, str, float]] = field(default_factory=list)
     error: Optional[str] = None
-
-
-def imagenet_label_config(model: nn.Module) -> Dict[str, Any]:
-    """`label_names` (WordNet ids) and `label_descriptions` of the ImageNet subset whose number of classes the model
-    has (timm's `infer_imagenet_subset` and `ImageNetInfo`), as a hub folder's config.json holds them; else {}."""
-    from timm.data import ImageNetInfo, infer_imagenet_subset
-    subset = infer_imagenet_subset(model)
-    if not subset:
-        return {}
-    info = ImageNetInfo(subset)
-    return dict(label_names=list(info.label_names()), label_descriptions=info.label_descriptions(as_dict=True))
-
-
-def class_names(model: nn.Module) -> List[str]:
-    """A name per class: the config's `label_names` (with their `label_descriptions`), ImageNet's descriptions
-    for a model with the classes of an ImageNet subset, else 'class N'."""
-    cfg, n = model.pretrained_cfg, model.num_classes
-    names = cfg.get('label_names')
-    if isinstance(names, dict):  # timm allows {index: name} when indices have gaps
-        names = [names.get(i, names.get(str(i), f'class {i}')) for i in range(n)]
-    descriptions = cfg.get('label_descriptions') or {}
-    if not (names and len(names) == n):
-        imagenet = imagenet_label_config(model)
-        names, descriptions = imagenet.get('label_names'), imagenet.get('label_descriptions')
-    if not names:
-        return [f'class {i}' for i in range(n)]
-    return [str(descriptions.get(name, name)) for name in names]
-
-
-def preprocessing(model: nn.Module):
-    """The model's eval transform from its pretrained config: timm's `resolve_data_config` and `create_transform`
-    (for crop_pct 0.875, bicubic, 224 px: resize the shorter side to 256, center-crop 224, normalize)."""
-    import timm
-    return timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+    cam: Optional[str] = None
 
 
 def classify(
@@ -108,13 +79,68 @@ def predict(
         weights: Union[str, Path, None] = None,
         top_k: int = 5,
         batch_size: int = 16,
+        cam_dir: Union[str, Path, None] = None,
+        cam_class: Optional[str] = None,
+        force: bool = False,
 ) -> List[Prediction]:
     """Classify image files with a model loaded by `loading.load_model` (a variant with `pretrained` or `weights`,
     or a hub folder 'local-dir:DIR'): the top-k class names and probabilities of each image, `batch_size` images
-    per forward pass."""
+    per forward pass.
+
+    With `cam_dir`, also write each classified image's Grad-CAM overlay (`explain.explain`) of its top class, or of
+    the class named `cam_class`, as `cam_dir`/<image name>.png, recorded in its `Prediction.cam`. Everything is
+    checked before anything is written: an unknown class, two images of the same name, and (unless `force`) files
+    already there are refused.
+    """
     if not images:
         raise ValueError('give one or more image files to classify.')
     if batch_size < 1:
         raise ValueError(f'{arg("batch_size", batch_size)}: give 1 or more.')
+    if cam_class is not None and cam_dir is None:
+        raise ValueError(f'{arg("cam_class", cam_class)} picks the class of the maps; give {arg("cam_dir", "DIR")} '
+                         f'too, the folder they go to.')
     model = load_model(model_name, pretrained=pretrained, weights=weights)
-    return classify(model, images, top_k=top_k, batch_size=batch_size)
+    if cam_dir is None:
+        return classify(model, images, top_k=top_k, batch_size=batch_size)
+    from .explain import _cam_class
+    _cam_class('gradcam')  # pytorch-grad-cam is installed
+    class_index = None if cam_class is None else _class_index(model, cam_class)
+    destinations = _cam_paths(images, Path(cam_dir), force)
+    results = classify(model, images, top_k=top_k, batch_size=batch_size)
+    return [_with_cam(model, r, path, class_index, force) for r, path in zip(results, destinations)]
+
+
+def _cam_paths(images: Sequence[Union[str, Path]], cam_dir: Path, force: bool) -> List[Path]:
+    """cam_dir/<image name>.png for each image; ValueError or FileExistsError where one cannot be written."""
+    if cam_dir.exists() and not cam_dir.is_dir():
+        raise FileExistsError(f'{cam_dir}: is a file; give {arg("cam_dir", "DIR")}, a folder for the maps.')
+    destinations: Dict[Path, Union[str, Path]] = {}
+    for image in images:
+        path = cam_dir / f'{Path(image).stem}.png'
+        if path in destinations:
+            raise ValueError(f'{destinations[path]} and {image} would both be explained in {path}; give images with '
+                             f'different names.')
+        destinations[path] = image
+        if not force and (path.exists() or path.is_symlink()):
+            raise FileExistsError(f'{path}: exists; pass {arg("force")} to replace it, or give another '
+                                  f'{arg("cam_dir", "DIR")}.')
+    return list(destinations)
+
+
+def _class_index(model: nn.Module, name: str) -> int:
+    names = class_names(model)
+    if name not in names:
+        listed = ', '.join(repr(n) for n in names[:5]) + (f', ... ({len(names)} in all)' if len(names) > 5 else '')
+        raise ValueError(f'{arg("cam_class", repr(name))}: not a class of the model; give one of {listed}.')
+    return names.index(name)
+
+
+def _with_cam(model: nn.Module, result: Prediction, path: Path, class_index: Optional[int],
+              force: bool) -> Prediction:
+    """`result` with its image's class activation map written to `path` (none for an unreadable image)."""
+    from .explain import explain
+    if result.error is not None:
+        return result
+    path.parent.mkdir(parents=True, exist_ok=True)
+    explain(model, result.path, result.top[0][0] if class_index is None else class_index, overlay=path, force=force)
+    return dataclasses.replace(result, cam=str(path))
