@@ -91,8 +91,8 @@ def read_labels(
         uncertain: Optional[int] = None,
 ) -> LabelTable:
     """Read a label CSV (the 'pipe' or the 'columns' form, told by its header: see the module) for the images in
-    `image_dir`. `label_names`: the labels and their order (a label outside them is refused); `uncertain`: 0 or 1
-    for the 'columns' form's -1, which is refused without it.
+    `image_dir`. `label_names`: the labels and their order (a list, or one string 'a,b' as a command line gives it;
+    a label outside them is refused); `uncertain`: 0 or 1 for the 'columns' form's -1, which is refused without it.
 
     Raises FileNotFoundError or ValueError, one line naming the file and the fix, for a malformed CSV, duplicate
     rows, an unknown label, no label anywhere, a row naming a missing image, or an image beside the listed ones
@@ -102,6 +102,8 @@ def read_labels(
     if uncertain not in (None, 0, 1):
         raise ValueError(f'{arg("uncertain", uncertain)}: give 0 or 1 (what an uncertain -1 counts as), or leave it '
                          f'out to refuse uncertain values.')
+    if isinstance(label_names, str):
+        label_names = label_names.split(',')
     labels = None if label_names is None else _checked_names(list(label_names), arg('label_names', 'NAMES'))
     if not image_dir.is_dir():
         raise FileNotFoundError(f'{image_dir}: no such folder; give the folder the CSV\'s file names are relative to.')

@@ -51,6 +51,7 @@ def test_both_csv_forms_read_as_the_same_table(tmp_path, shapes):
     order = ('square', 'ring', 'disk', 'bar')
     reordered = read_labels(root / 'labels.csv', root, label_names=order)
     assert reordered.names == order and reordered.matrix().tolist() == from_pipe.matrix()[:, ::-1].tolist()
+    assert read_labels(root / 'labels.csv', root, label_names='square, ring,disk,bar') == reordered
     for form in ('pipe', 'columns'):
         write_labels(tmp_path / f'{form}.csv', reordered, form)
         assert read_labels(tmp_path / f'{form}.csv', root, label_names=order) == reordered
