@@ -18,6 +18,8 @@ threshold per finding.
   timm's `create_transform` alike for training and evaluation.
 - `auroc_per_label` and `pick_thresholds`: scikit-learn's `roc_auc_score` and `precision_recall_curve` / `roc_curve`
   per label; `findings`: the labels at or above their threshold.
+- `evaluate_multilabel`: a model's sigmoid probabilities over a `MultiLabelDataset`, their per-label AUROC, the
+  thresholds picked on them and the images whose every label they get right (finetune's per-epoch measure).
 - `write_shapes_multilabel`: generated grayscale images with four independent findings, for tests and demos.
 """
 import csv
@@ -39,7 +41,7 @@ from .images import read_image
 __all__ = ['LabelTable', 'LABELS_FILE', 'LABEL_COLUMN_NAMES', 'FORMS', 'SHAPES', 'THRESHOLD_RULES', 'read_labels',
            'write_labels', 'MultiLabelDataset', 'input_img_mode', 'grayscale_data_config', 'auroc_per_label',
            'pick_thresholds', 'findings', 'PROBLEM_TYPE', 'config_entries', 'thresholds_from_config',
-           'write_shapes_multilabel']
+           'evaluate_multilabel', 'write_shapes_multilabel']
 
 LABELS_FILE = 'labels.csv'
 FORMS = ('pipe', 'columns')
@@ -388,6 +390,32 @@ def thresholds_from_config(config: Dict[str, Any], num_classes: int) -> Optional
         raise ValueError(f'config.json: label_thresholds should hold {num_classes} numbers from 0 to 1, one per '
                          f'label; write the folder again with finetune.')
     return [float(t) for t in thresholds]
+
+
+def evaluate_multilabel(
+        model: nn.Module, dataset, batch_size: int = 64, rule: str = 'f1', progress: Optional[bool] = None,
+) -> Dict[str, Any]:
+    """`model`'s (put in eval mode) sigmoid probabilities over `dataset` ((image, 0/1 target per label) pairs: a
+    `MultiLabelDataset`), measured: `auroc_per_label`'s per_label, mean, undefined and note; `thresholds`
+    (`pick_thresholds` with `rule`, on these probabilities); `correct`, the images whose every label is right at
+    those thresholds, of `total`; and the `probabilities` and `targets` as (images, labels) tensors."""
+    from tqdm.auto import tqdm
+    names = getattr(getattr(dataset, 'table', None), 'names', None) or [f'label {i}' for i in range(model.num_classes)]
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)  # no workers: small work
+    probabilities, targets = [], []
+    with torch.no_grad():
+        for images, target in tqdm(loader, desc='validate', leave=False, unit='batch',
+                                   disable=None if progress is None else not progress):
+            probabilities.append(model(images).float().sigmoid())
+            targets.append(target.float())
+    probabilities, targets = torch.cat(probabilities), torch.cat(targets)
+    report = auroc_per_label(probabilities, targets, names)
+    thresholds = pick_thresholds(probabilities, targets, rule)
+    decided = probabilities >= torch.tensor(thresholds, dtype=probabilities.dtype)
+    correct = int((decided == targets.bool()).all(dim=1).sum())
+    return dict(report, thresholds=thresholds, rule=rule, correct=correct, total=len(targets),
+                probabilities=probabilities, targets=targets)
 
 
 def _shape_mask(shape: str, size: int, cx: float, cy: float, vertical: bool) -> np.ndarray:

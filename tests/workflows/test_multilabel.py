@@ -1,22 +1,35 @@
 """Multi-label data (CheXNet / torchxrayvision style): label CSVs in both forms read as the same table, bad ones
 refused in one line; grey images with one mean/std through timm's transforms; a 1-channel DenseNet adapted from
-3-channel weights; per-label AUROC and thresholds from scikit-learn; and a small DenseNet that learns the generated
-findings to a mean validation AUROC of 0.95 or more."""
+3-channel weights; per-label AUROC and thresholds from scikit-learn; and `finetune --multi-label --in-chans 1` from
+the command line, which trains a small DenseNet on the generated findings to a mean validation AUROC of 0.95 or more
+and writes a hub folder whose config, card and `predict` give each label's threshold."""
+import contextlib
+import io
 import itertools
+import json
+import re
+import shutil
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import timm
 import torch
+from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import save_file
 
 import timm_densenet_ext  # noqa: F401  (registers the variants)
+from timm_densenet_ext.cards import render_model_card
+from timm_densenet_ext.cli import main
+from timm_densenet_ext.hub import write_hub_folder
+from timm_densenet_ext.loading import load_model
 from timm_densenet_ext.multilabel import (
-    SHAPES, LabelTable, MultiLabelDataset, auroc_per_label, config_entries, findings, grayscale_data_config,
-    input_img_mode, pick_thresholds, read_labels, thresholds_from_config, write_labels, write_shapes_multilabel)
+    SHAPES, LabelTable, MultiLabelDataset, auroc_per_label, config_entries, evaluate_multilabel, findings,
+    grayscale_data_config, input_img_mode, pick_thresholds, read_labels, thresholds_from_config, write_labels,
+    write_shapes_multilabel)
 
 TINY_DENSENET = dict(block_config=(1, 2, 2, 1))  # densenet121's stem and layers, six of them: 0.1M parameters
 
@@ -27,6 +40,10 @@ def shapes(tmp_path_factory):
     root = tmp_path_factory.mktemp('shapes') / 'data'
     table = write_shapes_multilabel(root, 8, 4, size=32, seed=3)
     return root, table
+
+
+def python_blocks(card_text: str):
+    return re.findall(r'^```python\n(.*?)^```$', card_text, flags=re.S | re.M)
 
 
 def snapshot(root: Path):
@@ -258,44 +275,175 @@ def test_shapes_generator_writes_grey_pngs_and_refuses_a_used_folder(tmp_path, s
     assert snapshot(tmp_path) == before
 
 
-def test_a_small_grey_densenet_learns_the_findings_to_a_mean_auroc_of_095(tmp_path):
-    """A 1-channel DenseNet (densenet121's stem, six layers) with a sigmoid per finding and binary cross-entropy,
-    trained by a plain loop for 6 epochs on 400 generated images at 32 px; measured on 200 others."""
+@pytest.fixture(scope='module')
+def grey_run(tmp_path_factory):
+    """`finetune --multi-label --in-chans 1` from the command line: a tiny RGB densenet121 hub folder (its stem and
+    six layers, random weights) adapted to grey input, 6 epochs on 400 generated images at 32 px, 200 for validation."""
+    root = tmp_path_factory.mktemp('grey-run')
     torch.manual_seed(0)
-    write_shapes_multilabel(tmp_path, 400, 200, size=32, seed=0)
-    table = read_labels(tmp_path / 'labels.csv', tmp_path)
-    model = timm.create_model('densenet121', in_chans=1, num_classes=len(table.names), **TINY_DENSENET)
-    config = dict(grayscale_data_config(model, img_size=32), crop_pct=1.0)
-    transform = timm.data.create_transform(**config)
+    base = write_hub_folder(timm.create_model('densenet121', num_classes=2, **TINY_DENSENET), root / 'base',
+                            model_name='densenet121', label_names=['x', 'y'],
+                            data_config={'input_size': (3, 32, 32), 'crop_pct': 1.0})
+    data = root / 'shapes'
+    write_shapes_multilabel(data, 400, 200, size=32, seed=0)
+    out, stdout = root / 'shapes-model', io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(['finetune', '-m', f'local-dir:{base}', '--data-dir', str(data), '--multi-label', '--labels',
+                     str(data / 'labels.csv'), '--in-chans', '1', '--output', str(out), *GREY_RECIPE])
+    assert code == 0
+    return SimpleNamespace(root=root, base=base, data=data, out=out, stdout=stdout.getvalue())
 
-    def tensors(split):
-        data = MultiLabelDataset(tmp_path, table.split(split), transform, input_img_mode(config))
-        return torch.stack([data[i][0] for i in range(len(data))]), data.targets
 
-    (images, targets), (val_images, val_targets) = tensors('train'), tensors('val')
-    epochs, batch = 6, 32
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 5e-3, total_steps=epochs * (len(images) // batch),
-                                                   pct_start=0.15)
-    criterion = torch.nn.BCEWithLogitsLoss()
-    order = torch.Generator().manual_seed(0)
-    for _ in range(epochs):
-        model.train()
-        batches = torch.randperm(len(images), generator=order)[:len(images) // batch * batch].view(-1, batch)
-        for index in batches:
-            loss = criterion(model(images[index]), targets[index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    model.eval()
+GREY_RECIPE = ['--epochs', '6', '-b', '32', '--lr', '5e-3', '--weight-decay', '0.01', '--scale', '1', '1', '--hflip',
+               '0', '--color-jitter', '0']
+
+
+def test_multilabel_finetune_writes_a_grey_folder_with_thresholds_reaching_a_mean_auroc_of_095(grey_run):
+    """The best epoch by mean validation AUROC, written with a threshold per label that the reloaded model's own
+    validation probabilities give again: the folder holds what was measured."""
+    lines = grey_run.stdout.splitlines()
+    epochs = [line for line in lines if line.startswith('epoch ')]
+    aurocs = [float(re.search(r'val mean AUROC (\d\.\d{4})', line).group(1)) for line in epochs]
+    assert len(epochs) == 6 and 'best' in epochs[aurocs.index(max(aurocs))]
+    wrote = next(line for line in lines if line.startswith('wrote '))
+    mean = float(re.search(r'mean validation AUROC (\d\.\d{4}) \(bar ', wrote).group(1))
+    print(f'mean validation AUROC {mean:.4f}: {wrote}')
+    assert mean == max(aurocs) and mean >= 0.95
+
+    config = json.loads((grey_run.out / 'config.json').read_text())
+    assert config['problem_type'] == 'multi_label_classification' and config['threshold_rule'] == 'f1'
+    assert config['label_names'] == list(SHAPES) and config['model_args']['in_chans'] == 1
+    assert config['pretrained_cfg']['input_size'] == [1, 32, 32] and len(config['pretrained_cfg']['mean']) == 1
+    assert 'label_thresholds' not in config['pretrained_cfg']  # timm refuses unknown keys there
+    model = timm.create_model(f'local-dir:{grey_run.out}', pretrained=True)
+    assert model.features.conv0.weight.shape[1] == 1
+    data_config = timm.data.resolve_data_config(model=model)
+    table = read_labels(grey_run.data / 'labels.csv', grey_run.data).split('val')
+    measured = evaluate_multilabel(model, MultiLabelDataset(grey_run.data, table, timm.data.create_transform(
+        **data_config), input_img_mode(data_config)))
+    assert measured['mean'] == pytest.approx(mean, abs=6e-5)
+    assert config['label_thresholds'] == pytest.approx(measured['thresholds'], abs=1e-6)
+    assert sorted(p.name for p in grey_run.out.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+
+    card = ModelCard.load(grey_run.out / 'README.md')
+    assert '**Multi-label:** 4 labels (bar, disk, ring, square), a sigmoid per label' in card.text
+    assert f'**Mean validation AUROC: {mean:.4f}**' in card.text
+    for name, threshold in zip(SHAPES, config['label_thresholds']):
+        assert f'| {name} | {measured["per_label"][name]:.4f} | {threshold:.4f} | ' in card.text
+    result = card.data.eval_results[0]
+    assert result.metric_type == 'roc_auc' and result.metric_value == pytest.approx(mean, abs=1e-4)
+
+
+def test_predict_prints_the_labels_at_or_above_their_thresholds(grey_run, tmp_path, monkeypatch, capsys):
+    model = timm.create_model(f'local-dir:{grey_run.out}', pretrained=True).eval()
+    thresholds = json.loads((grey_run.out / 'config.json').read_text())['label_thresholds']
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+    Image.new('L', (32, 32), 60).save(tmp_path / 'plain.png')  # background only
+    images = [grey_run.data / 'val' / f'{i:05d}.png' for i in range(3)] + [tmp_path / 'plain.png']
+    assert main(['predict', '-m', f'local-dir:{grey_run.out}', *map(str, images)]) == 0
+    expected = []
+    for path in images:
+        with torch.no_grad():
+            probabilities = model(transform(Image.open(path).convert('L'))[None]).sigmoid()[0].tolist()
+        found = findings(probabilities, thresholds, SHAPES)
+        expected += [str(path)] + [f'  {100 * p:6.2f}%  {name}' for name, p in found] + (
+            [] if found else ['  no label at or above its threshold'])
+    assert capsys.readouterr().out.splitlines() == expected
+    # the card's usage code, run on the folder, prints the same labels
+    code = python_blocks(ModelCard.load(grey_run.out / 'README.md').text)[0]
+    (tmp_path / 'image.jpg').write_bytes(images[0].read_bytes())  # PIL reads the PNG inside
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code.replace("'hf-hub:YOUR-ORG/shapes-model'", repr(f'local-dir:{grey_run.out}')), 'card', 'exec'),
+         {})
+    usage = [line.split()[-1] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert sorted(usage) == sorted(line.split()[-1] for line in expected[1:expected.index(str(images[1]))])
+
+
+def interrupted_run(data: Path, out: Path, monkeypatch, *argv: str) -> None:
+    """A multi-label run interrupted (Ctrl-C) while validating its first epoch: its state file stays in `out`."""
+    import timm_densenet_ext.finetune as finetune_module
+    with monkeypatch.context() as patch:
+        patch.setattr(finetune_module, 'evaluate_multilabel',
+                      lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert main(['finetune', '-m', 'densenet_bc_100_k12', '--data-dir', str(data), '--output', str(out),
+                     '--img-size', '16', '--epochs', '2', '-b', '4', *argv]) == 130
+    assert (out / '.finetune-state.pth').is_file()
+
+
+def test_bad_multilabel_input_is_one_line_exit_code_2_and_writes_nothing(shapes, tmp_path, monkeypatch, capsys):
+    root, _ = shapes
+    data = tmp_path / 'data'
+    shutil.copytree(root, data)
+    rows = (data / 'labels.csv').read_text().splitlines()
+    csvs = {name: tmp_path / f'{name}.csv' for name in ('missing', 'no-row', 'none')}
+    csvs['missing'].write_text('\n'.join(rows + ['val/00009.png,bar']) + '\n')
+    csvs['no-row'].write_text('\n'.join(rows[:-1]) + '\n')
+    csvs['none'].write_text('\n'.join(['file,labels'] + [r.split(',')[0] + ',' for r in rows[1:]]) + '\n')
+    interrupted_run(data, tmp_path / 'run', monkeypatch, '--multi-label', '--in-chans', '1')
+    capsys.readouterr()
+    new = ['finetune', '-m', 'densenet_bc_100_k12', '--data-dir', str(data), '--output', str(tmp_path / 'out'),
+           '--multi-label']
+    resume = ['finetune', '--resume', '--output', str(tmp_path / 'run')]
+    cases = [
+        (new + ['--labels', str(csvs['missing'])], r'line 14: names val/00009\.png, which is not in .*; add the image'),
+        (new + ['--labels', str(csvs['no-row'])], r'holds val/00003\.png without a row in .*no-row\.csv; add a row'),
+        (new + ['--label-names', 'bar,disk,ring'], r"unknown label 'square'; add it to --label-names NAMES"),
+        (new + ['--labels', str(csvs['none'])], r'no row names a label \(an empty label set\)'),
+        (new + ['--label-names', ''], r"^--label-names NAMES: '' is not a label name"),
+        (new[:-1] + ['--labels', str(data / 'labels.csv')], r'^--labels \.\.\.: is for multi-label runs; add '
+                                                           r'--multi-label and --labels CSV, or leave it out\.$'),
+        (resume + ['--label-names', 'square,ring,disk,bar'], r"its labels \(square, ring, disk, bar\) are not the "
+                                                             r"interrupted run's \(bar, disk, ring, square\); give the"),
+        (resume + ['--model', 'densenet121'], r'--model densenet121 differs from the interrupted run in'),
+        (resume + ['--in-chans', '3'], r'--in-chans 3 differs from the interrupted run in'),
+    ]
+    before = snapshot(tmp_path)
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and re.search(message, err.split(': error: ', 1)[-1]), (argv, err)
+        assert snapshot(tmp_path) == before, argv  # nothing written
+
+
+def test_a_single_label_run_does_not_resume_as_multilabel(tmp_path, monkeypatch, capsys):
+    import timm_densenet_ext.finetune as finetune_module
+    from workflow_helpers import write_image_folder
+    data = write_image_folder(tmp_path / 'fruit', ['apple', 'banana'], train=2, val=1)
+    with monkeypatch.context() as patch:
+        patch.setattr(finetune_module, 'evaluate', lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert main(['finetune', '-m', 'densenet_bc_100_k12', '--data-dir', str(data), '--output',
+                     str(tmp_path / 'run'), '--img-size', '16', '--epochs', '2', '-b', '2']) == 130
+    capsys.readouterr()
+    before = snapshot(tmp_path)
+    assert main(['finetune', '--resume', '--output', str(tmp_path / 'run'), '--multi-label']) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and 'its interrupted run is single-label (an image folder of classes); resume ' \
+        'it without --multi-label, or start again with --force.' in err
+    assert snapshot(tmp_path) == before
+
+
+def test_a_checkpoint_file_is_adapted_to_one_channel(tmp_path):
+    """`--checkpoint` weights (3 channels) with in_chans=1: the first convolution sums the RGB weights, as timm's
+    builder does for pretrained weights, and the model reloads from the hub folder it is written to."""
+    rgb = timm.create_model('densenet121', num_classes=3).eval()
+    torch.save(rgb.state_dict(), tmp_path / 'rgb.pth')
+    grey = load_model('densenet121', weights=tmp_path / 'rgb.pth', in_chans=1)
+    assert torch.equal(grey.features.conv0.weight, rgb.features.conv0.weight.sum(dim=1, keepdim=True))
+    assert grey.in_chans == 1 and grey.pretrained_cfg['input_size'] == (1, 224, 224)
     with torch.no_grad():
-        probabilities = model(val_images).sigmoid()
-    report = auroc_per_label(probabilities, val_targets, table.names)
-    print(f'mean validation AUROC {report["mean"]:.4f}:',
-          ', '.join(f'{name} {auroc:.4f}' for name, auroc in report['per_label'].items()))
-    assert report['undefined'] == [] and report['mean'] >= 0.95
-    assert min(report['per_label'].values()) >= 0.9
-    thresholds = pick_thresholds(probabilities, val_targets)
-    predicted = (probabilities >= torch.tensor(thresholds)).float()
-    assert (predicted == val_targets).float().mean() >= 0.9  # the thresholds turn probabilities into findings
+        picture = torch.rand(1, 1, 64, 64)
+        assert torch.allclose(grey(picture), rgb(picture.expand(1, 3, 64, 64)), atol=1e-5)
+
+
+def test_a_hub_folder_card_measures_its_own_input_not_the_tags_test_size():
+    """densenet121.ra_in1k's registered test_input_size (3, 288, 288) is its published weights' figure: a card of
+    other weights (here a 1-channel folder at 32 px) states only its own input size, and can be measured."""
+    cfg = dict(input_size=(1, 32, 32), mean=(0.449,), std=(0.226,), crop_pct=1.0, num_classes=4,
+               label_names=list(SHAPES), **config_entries([0.5, 0.4, 0.6, 0.5]))
+    text = render_model_card('densenet121', repo_id='me/grey', pretrained_cfg=cfg,
+                             model_args=dict(in_chans=1, block_config=(1, 2, 2, 1)))
+    assert '(test input size)' not in text and '288' not in text and '| 32 x 32 (input size) |' in text
+    assert "img = Image.open('image.jpg').convert('L')" in text and 'thresholds = [0.5, 0.4, 0.6, 0.5]' in text
+    assert '**Multi-label:** 4 labels (bar, disk, ring, square)' in text
+    rgb = render_model_card('densenet121', repo_id='me/rgb', pretrained_cfg=dict(num_classes=3))
+    assert "convert('RGB')" in rgb and 'Multi-label' not in rgb and 'top5_probabilities' in rgb
