@@ -241,7 +241,7 @@ def write_labels(csv_path: Union[str, Path], table: LabelTable, form: str = 'pip
     """Write `table` as a label CSV in `form` ('pipe': file,labels with a|b; 'columns': file and a 0/1 column per
     label), which `read_labels` reads back as the same table."""
     if form not in FORMS:
-        raise ValueError(f'{arg("form", form)}: give one of {", ".join(FORMS)}.')
+        raise ValueError(f'form={form}: give one of {", ".join(FORMS)}.')
     csv_path = Path(csv_path)
     exists = f'{csv_path}: exists; pass {arg("force")} to replace it.'
     with writing(csv_path, force=force, exists_message=exists) as tmp:
@@ -339,7 +339,7 @@ def pick_thresholds(probabilities: Any, targets: Any, rule: str = 'f1') -> List[
     of the highest Youden's J = TPR - FPR (`roc_curve`). Ties go to the higher threshold. A label with one class only
     in the data gets 0.5."""
     if rule not in THRESHOLD_RULES:
-        raise ValueError(f'{arg("rule", rule)}: give one of {", ".join(THRESHOLD_RULES)}.')
+        raise ValueError(f'rule={rule}: give one of {", ".join(THRESHOLD_RULES)}.')
     metrics = _sklearn_metrics()
     p, t = _arrays(probabilities, targets, range(np.shape(probabilities)[-1]))
     thresholds = []
@@ -375,7 +375,7 @@ def config_entries(thresholds: Sequence[float], rule: str = 'f1') -> Dict[str, A
     out of `pretrained_cfg`, which timm refuses unknown keys in): transformers' `problem_type`, a threshold per
     label in `label_names`' order, and the rule that picked them."""
     if rule not in THRESHOLD_RULES:
-        raise ValueError(f'{arg("rule", rule)}: give one of {", ".join(THRESHOLD_RULES)}.')
+        raise ValueError(f'rule={rule}: give one of {", ".join(THRESHOLD_RULES)}.')
     return dict(problem_type=PROBLEM_TYPE, label_thresholds=[float(t) for t in thresholds], threshold_rule=rule)
 
 
@@ -463,7 +463,7 @@ def write_shapes_multilabel(
     from PIL import Image
     out_dir = Path(out_dir)
     if form not in FORMS:
-        raise ValueError(f'{arg("form", form)}: give one of {", ".join(FORMS)}.')
+        raise ValueError(f'form={form}: give one of {", ".join(FORMS)}.')
     if min(n_train, n_val) < 1 or size < 16 or not 0 < p < 1:
         raise ValueError(f'n_train={n_train}, n_val={n_val}, size={size}, p={p}: give 1 or more images per split, '
                          f'16 px or more, and 0 < p < 1.')

@@ -26,6 +26,7 @@ from timm_densenet_ext.cards import render_model_card
 from timm_densenet_ext.cli import main
 from timm_densenet_ext.hub import write_hub_folder
 from timm_densenet_ext.loading import load_model
+from workflow_helpers import tiny_hub_folder, write_image_folder
 from timm_densenet_ext.multilabel import (
     SHAPES, LabelTable, MultiLabelDataset, auroc_per_label, config_entries, evaluate_multilabel, findings,
     grayscale_data_config, input_img_mode, pick_thresholds, read_labels, thresholds_from_config, write_labels,
@@ -359,14 +360,14 @@ def test_predict_prints_the_labels_at_or_above_their_thresholds(grey_run, tmp_pa
     assert sorted(usage) == sorted(line.split()[-1] for line in expected[1:expected.index(str(images[1]))])
 
 
-def interrupted_run(data: Path, out: Path, monkeypatch, *argv: str) -> None:
+def interrupted_run(model: str, data: Path, out: Path, monkeypatch, *argv: str) -> None:
     """A multi-label run interrupted (Ctrl-C) while validating its first epoch: its state file stays in `out`."""
     import timm_densenet_ext.finetune as finetune_module
     with monkeypatch.context() as patch:
         patch.setattr(finetune_module, 'evaluate_multilabel',
                       lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
-        assert main(['finetune', '-m', 'densenet_bc_100_k12', '--data-dir', str(data), '--output', str(out),
-                     '--img-size', '16', '--epochs', '2', '-b', '4', *argv]) == 130
+        assert main(['finetune', '-m', model, '--data-dir', str(data), '--output', str(out), '--epochs', '2', '-b',
+                     '4', *argv]) == 130
     assert (out / '.finetune-state.pth').is_file()
 
 
@@ -379,9 +380,10 @@ def test_bad_multilabel_input_is_one_line_exit_code_2_and_writes_nothing(shapes,
     csvs['missing'].write_text('\n'.join(rows + ['val/00009.png,bar']) + '\n')
     csvs['no-row'].write_text('\n'.join(rows[:-1]) + '\n')
     csvs['none'].write_text('\n'.join(['file,labels'] + [r.split(',')[0] + ',' for r in rows[1:]]) + '\n')
-    interrupted_run(data, tmp_path / 'run', monkeypatch, '--multi-label', '--in-chans', '1')
+    tiny = f'local-dir:{tiny_hub_folder(tmp_path / "tiny", ["x", "y"])}'  # DenseNet-BC, two layers a block, 16 px
+    interrupted_run(tiny, data, tmp_path / 'run', monkeypatch, '--multi-label', '--in-chans', '1')
     capsys.readouterr()
-    new = ['finetune', '-m', 'densenet_bc_100_k12', '--data-dir', str(data), '--output', str(tmp_path / 'out'),
+    new = ['finetune', '-m', tiny, '--data-dir', str(data), '--output', str(tmp_path / 'out'),
            '--multi-label']
     resume = ['finetune', '--resume', '--output', str(tmp_path / 'run')]
     cases = [
@@ -394,7 +396,8 @@ def test_bad_multilabel_input_is_one_line_exit_code_2_and_writes_nothing(shapes,
                                                            r'--multi-label and --labels CSV, or leave it out\.$'),
         (resume + ['--label-names', 'square,ring,disk,bar'], r"its labels \(square, ring, disk, bar\) are not the "
                                                              r"interrupted run's \(bar, disk, ring, square\); give the"),
-        (resume + ['--model', 'densenet121'], r'--model densenet121 differs from the interrupted run in'),
+        (resume + ['--model', 'densenet_bc_100_k12'], r'--model densenet_bc_100_k12 differs from the interrupted '
+                                                      r'run in'),
         (resume + ['--in-chans', '3'], r'--in-chans 3 differs from the interrupted run in'),
     ]
     before = snapshot(tmp_path)
@@ -403,16 +406,21 @@ def test_bad_multilabel_input_is_one_line_exit_code_2_and_writes_nothing(shapes,
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and re.search(message, err.split(': error: ', 1)[-1]), (argv, err)
         assert snapshot(tmp_path) == before, argv  # nothing written
+    # the interrupted run resumes as it was started: multi-label, grey, the same labels
+    assert main(resume) == 0
+    config = json.loads((tmp_path / 'run' / 'config.json').read_text())
+    assert config['model_args']['in_chans'] == 1 and len(config['label_thresholds']) == len(SHAPES)
+    assert 'wrote ' in capsys.readouterr().out and not (tmp_path / 'run' / '.finetune-state.pth').exists()
 
 
 def test_a_single_label_run_does_not_resume_as_multilabel(tmp_path, monkeypatch, capsys):
     import timm_densenet_ext.finetune as finetune_module
-    from workflow_helpers import write_image_folder
     data = write_image_folder(tmp_path / 'fruit', ['apple', 'banana'], train=2, val=1)
+    tiny = tiny_hub_folder(tmp_path / 'tiny', ['x', 'y'])
     with monkeypatch.context() as patch:
         patch.setattr(finetune_module, 'evaluate', lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
-        assert main(['finetune', '-m', 'densenet_bc_100_k12', '--data-dir', str(data), '--output',
-                     str(tmp_path / 'run'), '--img-size', '16', '--epochs', '2', '-b', '2']) == 130
+        assert main(['finetune', '-m', f'local-dir:{tiny}', '--data-dir', str(data), '--output',
+                     str(tmp_path / 'run'), '--epochs', '2', '-b', '2']) == 130
     capsys.readouterr()
     before = snapshot(tmp_path)
     assert main(['finetune', '--resume', '--output', str(tmp_path / 'run'), '--multi-label']) == 2
