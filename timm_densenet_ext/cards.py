@@ -205,12 +205,17 @@ def _arch_doc(arch: str, model_args: Optional[Dict[str, Any]] = None) -> str:
 
 
 def _eval_results(repo_id: str, training: Dict[str, Any]) -> Dict[str, Any]:
-    """The measured validation accuracy as the Hub's model-index metadata (huggingface_hub's EvalResult)."""
+    """The measured validation accuracy (a multi-label model's mean AUROC) as the Hub's model-index metadata
+    (huggingface_hub's EvalResult)."""
     from huggingface_hub import EvalResult
+    metric = dict(metric_type='accuracy', metric_name='Validation accuracy',
+                  metric_value=round(training['val_accuracy'], 4))
+    if training.get('multi_label'):
+        metric = dict(metric_type='roc_auc', metric_name='Mean validation AUROC',
+                      metric_value=round(training['multi_label']['mean_auroc'], 4))
     return dict(model_name=repo_id.split('/')[-1], eval_results=[EvalResult(
         task_type='image-classification', dataset_type='imagefolder', dataset_name=training['data_name'],
-        dataset_split='validation', metric_type='accuracy', metric_name='Validation accuracy',
-        metric_value=round(training['val_accuracy'], 4))])
+        dataset_split='validation', **metric)])
 
 
 def check_card_facts(
@@ -304,6 +309,8 @@ def render_model_card(
         labels=_label_source(card, weights.datasets),
         citations=[CITATIONS[c] for c in citations],
         training=training,
+        multi_label=_multi_label(card.cfg),
+        image_mode='L' if card.cfg['input_size'][0] == 1 else 'RGB',
         **figures,
     ))
     return text if text.endswith('\n') else text + '\n'
@@ -330,6 +337,10 @@ def _card_subject(model_name: str, repo_id: Optional[str], pretrained_cfg: Optio
     name = f'{arch}.{tag}'
     registered = timm.models.get_pretrained_cfg(name).to_dict()
     cfg = {**registered, **(pretrained_cfg or {})}
+    if pretrained_cfg is not None:  # a test size measured for the tag's weights, not these (nor their input channels)
+        for key in ('test_input_size', 'test_crop_pct'):
+            if key not in pretrained_cfg:
+                cfg.pop(key, None)
     repo_id = repo_id or cfg.get('hf_hub_id')
     if not repo_id:
         raise ValueError(
@@ -397,6 +408,16 @@ def _references(cfg: Dict[str, Any], recipe: _Recipe, blur: bool) -> Tuple[List[
     citations = ['densenet'] + (['blurpool'] if blur else []) + list(recipe.citations)
     papers += [_PAPERS[c] for c in (['blurpool'] if blur else []) + list(recipe.papers)]
     return papers, citations
+
+
+def _multi_label(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """A multi-label model's labels and their thresholds (a hub folder's config.json keys), else None."""
+    from .multilabel import PROBLEM_TYPE
+    if cfg.get('problem_type') != PROBLEM_TYPE or not cfg.get('label_thresholds'):
+        return None
+    rule = {'f1': 'the highest F1', 'youden': "the highest Youden's J"}.get(cfg.get('threshold_rule'))
+    return dict(labels=list(cfg.get('label_names') or []), thresholds=[round(t, 4) for t in cfg['label_thresholds']],
+                rule=rule)
 
 
 def _aliases(card: _Subject) -> List[str]:

@@ -171,9 +171,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                 print(r.path)
                 for _, label, p in r.top:
                     print(f'  {100 * p:6.2f}%  {label}')
+                if r.multi_label and not r.top:
+                    print('  no label at or above its threshold')
         for r in results:
             if r.cam is not None:
-                print(f'wrote {r.cam}: Grad-CAM of {args.cam_class or r.top[0][1]!r} on {r.path}')
+                print(f'wrote {r.cam}: Grad-CAM of {args.cam_class or (r.top[0][1] if r.top else "the top label")!r} '
+                      f'on {r.path}')
     sys.stdout.flush()
     for r in results:
         if r.error is not None:
@@ -195,11 +198,23 @@ def _finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--hflip', type=float, metavar='P', help='horizontal flip probability (default 0.5)')
     p.add_argument('--scale', type=float, nargs=2, metavar=('MIN', 'MAX'),
                    help='random-resized crop area range (default 0.08 1.0)')
+    p.add_argument('--color-jitter', type=float, metavar='F', help='colour jitter strength (default 0.4; 0: none)')
     p.add_argument('--seed', type=int, metavar='S', help='seed of the classifier, batches and augmentation (default 0)')
     _option(p, 'repo_id', "the Hub repository the card's usage code loads")
     p.add_argument('--resume', action='store_true', help='continue the interrupted run in --output')
     _option(p, 'threads')
     _option(p, 'force', 'replace an existing --output (kept if the run fails)')
+    group = p.add_argument_group('multi-label (CheXNet style: several labels per image, a sigmoid per label)')
+    group.add_argument('--multi-label', action='store_true',
+                       help='train a sigmoid per label on --labels; the best epoch by mean validation AUROC, with a '
+                            'threshold per label in config.json')
+    group.add_argument('--labels', metavar='CSV', help="a row per image of train/ and val/: 'file,labels' with a|b, "
+                                                       'or a 0/1 column per label (default DIR/labels.csv)')
+    group.add_argument('--label-names', metavar='A,B', help="the labels and their order (default: the CSV's)")
+    group.add_argument('--uncertain', type=int, choices=(0, 1), help='what a -1 (uncertain, as in CheXpert) counts as '
+                                                                     '(default: refused)')
+    group.add_argument('--in-chans', type=int, choices=(1, 3),
+                       help='input channels: 1 for grey images, the first convolution adapted from the weights')
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
@@ -209,15 +224,18 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             args.model, args.data_dir, args.output, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
             weight_decay=args.weight_decay, img_size=args.img_size, hflip=args.hflip, scale=args.scale,
             seed=args.seed, pretrained=args.pretrained, weights=args.checkpoint, resume=args.resume,
-            force=args.force, repo_id=args.repo_id, threads=args.threads)
+            force=args.force, repo_id=args.repo_id, threads=args.threads, multi_label=args.multi_label,
+            labels=args.labels, label_names=args.label_names, uncertain=args.uncertain, in_chans=args.in_chans,
+            color_jitter=args.color_jitter)
     except KeyboardInterrupt:
         state = Path(args.output) / STATE_FILE
         if state.is_file():
             print(f'\ninterrupted: {state} holds the last finished epoch; continue with the same command and '
                   f'--resume.', file=sys.stderr)
         return 130
-    print(f'wrote {result.out_dir}: epoch {result.best_epoch}, validation accuracy {100 * result.val_accuracy:.2f}% '
-          f'({result.val_correct}/{result.val_images}):')
+    measured = (_auroc_summary(result.multi_label) if result.multi_label else
+                f'validation accuracy {100 * result.val_accuracy:.2f}% ({result.val_correct}/{result.val_images})')
+    print(f'wrote {result.out_dir}: epoch {result.best_epoch}, {measured}:')
     _print_hub_folder(result.out_dir, args.repo_id)
     return 0
 
@@ -253,6 +271,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     for path in result.files:
         print(f'wrote {path}')
     return 0
+
+
+def _auroc_summary(measured: Dict[str, object]) -> str:
+    """A multi-label run's mean validation AUROC and each label's."""
+    per_label = ', '.join(f'{n} {"-" if a is None else f"{a:.4f}"}' for n, a in measured['per_label'].items())
+    return f'mean validation AUROC {measured["mean_auroc"]:.4f} ({per_label})'
 
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:

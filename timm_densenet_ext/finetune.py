@@ -6,6 +6,12 @@ on timm's per-step cosine schedule with warmup (`CosineLRScheduler`). The result
 `hub.write_hub_folder`, the code path of `convert`: model.safetensors, config.json with the class names as
 `label_names`, and a model card recording the data, the recipe and the measured accuracy.
 
+Multi-label (CheXNet style, `multi_label=True`): a label CSV (`multilabel.read_labels`: one row per image under
+DIR/train and DIR/val) gives each image its labels; the model has a sigmoid per label, trained with binary
+cross-entropy; the best epoch is the one of highest mean validation AUROC, and a threshold per label, picked on that
+epoch's validation probabilities, goes into config.json (`multilabel.config_entries`). `in_chans=1` trains on grey
+images: the first convolution adapted from 3-channel weights, one mean and std (`multilabel.grayscale_data_config`).
+
 Resumable: after every epoch the run's state is saved as OUT/.finetune-state.pth (a hidden file, so `push` leaves it
 out); `resume=True` continues from it, and the finished hub folder replaces it.
 """
@@ -27,6 +33,9 @@ from ._naming import arg
 from .hub import check_out_dir, write_hub_folder
 from .images import image_loader
 from .loading import HUB_PREFIXES, load_model, model_card_name, weights_repo_id
+from .multilabel import (
+    LABELS_FILE, LabelTable, MultiLabelDataset, config_entries, evaluate_multilabel, grayscale_data_config,
+    input_img_mode, read_labels)
 
 __all__ = ['Recipe', 'FinetuneResult', 'STATE_FILE', 'image_folders', 'image_dataset', 'choose_threads', 'finetune',
            'evaluate']
@@ -61,6 +70,7 @@ class Recipe:
             (self.weight_decay >= 0, f'{arg("weight_decay", self.weight_decay)}: give 0 or more.'),
             (self.img_size is None or self.img_size >= 1, f'{arg("img_size", self.img_size)}: give a size in pixels.'),
             (0 <= self.hflip <= 1, f'{arg("hflip", self.hflip)}: give a probability from 0 to 1.'),
+            (self.color_jitter >= 0, f'{arg("color_jitter", self.color_jitter)}: give 0 (none) or more.'),
             (0 < self.scale[0] <= self.scale[1] <= 1, f'{arg("scale", self.scale)}: give 0 < MIN <= MAX <= 1.'),
         ]
         for ok, message in checks:
@@ -81,6 +91,9 @@ class FinetuneResult:
     val_correct: int
     history: List[Dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0  # training and evaluation time of this call (a resumed run: since resuming)
+    # a multi-label run's best epoch (else None): mean_auroc, per_label AUROC, thresholds and threshold rule;
+    # val_accuracy and val_correct then count the images whose every label is right at those thresholds
+    multi_label: Optional[Dict[str, Any]] = None
 
 
 def image_folders(data_dir: Union[str, Path]) -> Tuple[Path, Path, List[str]]:
@@ -283,6 +296,12 @@ def finetune(
         progress: Optional[bool] = None,
         log: Callable[[str], None] = print,
         threads: Optional[int] = None,
+        multi_label: bool = False,
+        labels: Union[str, Path, None] = None,
+        label_names: Union[str, Sequence[str], None] = None,
+        uncertain: Optional[int] = None,
+        in_chans: Optional[int] = None,
+        color_jitter: Optional[float] = None,
 ) -> FinetuneResult:
     """Fine-tune `model_name` on the image folders `data_dir`/train and `data_dir`/val; write the best epoch
     (highest validation accuracy) as a hub folder `out_dir`.
@@ -295,14 +314,18 @@ def finetune(
     `data_name` and `data_description` name and describe the data in the model card (default: the folder).
     `threads`: CPU threads for torch (default: `choose_threads` for the batch, image size and model; torch's thread
     count is restored afterwards).
+    `multi_label`: train a sigmoid per label on the label CSV `labels` (default DIR/labels.csv; `label_names`
+    picks and orders the labels, `uncertain` counts CheXpert's -1 as 0 or 1: `multilabel.read_labels`) and write the
+    best epoch by mean validation AUROC with a threshold per label. `in_chans`: 1 for grey images (multi-label runs).
     Returns a `FinetuneResult`; raises ValueError, FileNotFoundError or FileExistsError with a message naming the
     thing and the fix.
     """
     out_dir = Path(out_dir)
     given = dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, img_size=img_size,
-                 hflip=hflip, scale=tuple(scale) if scale is not None else None, seed=seed)
+                 hflip=hflip, scale=tuple(scale) if scale is not None else None, seed=seed, color_jitter=color_jitter)
     run, state = _run_settings(out_dir, given, model_name, data_dir, pretrained, weights, resume, force)
-    train_dir, val_dir, classes = image_folders(run.data_dir)
+    run = _with_labels(run, state, multi_label, labels, label_names, uncertain, in_chans, out_dir)
+    train_dir, val_dir, classes = image_folders(run.data_dir) if run.labels is None else _label_splits(run, state)
     if state is not None:
         _check_resumed_classes(state, classes, run.data_dir)
     training, card_name, data_config = _prepare(run, train_dir, val_dir, classes)
@@ -321,7 +344,8 @@ def finetune(
     return FinetuneResult(
         out_dir=out_dir, model_name=run.model_name, classes=classes, train_images=len(training.train_set),
         val_images=len(training.val_set), best_epoch=best['epoch'], val_accuracy=best['accuracy'],
-        val_correct=best['correct'], history=state['history'], seconds=seconds)
+        val_correct=best['correct'], history=state['history'], seconds=seconds,
+        multi_label=_multilabel_result(best) if run.labels is not None else None)
 
 
 @dataclass(frozen=True)
@@ -332,12 +356,15 @@ class _Run:
     weights: Union[str, Path, None]
     data_dir: Path
     recipe: Recipe
+    labels: Optional['_Labels'] = None  # a multi-label run's label CSV
+    in_chans: Optional[int] = None  # default: the weights' own
 
     def saved(self) -> Dict[str, Any]:
         """The run as its state file records it: absolute paths, since `resume` may be run from another folder."""
         return dict(model_name=self.model_name, pretrained=self.pretrained,
                     weights=str(Path(self.weights).resolve()) if self.weights else None,
-                    data_dir=str(self.data_dir.resolve()))
+                    data_dir=str(self.data_dir.resolve()), in_chans=self.in_chans,
+                    **(self.labels.saved() if self.labels else dict(multi_label=False)))
 
     def base_description(self) -> str:
         """Where the starting weights came from, for the log and the model card."""
@@ -362,6 +389,7 @@ class _Training:
     criterion: nn.Module
     steps: int  # optimiser steps per epoch
     drop_last: bool
+    multi_label: bool = False  # a sigmoid per label: binary cross-entropy, AUROC picks the best epoch
 
     @classmethod
     def build(cls, model: nn.Module, train_set, val_set, recipe: Recipe) -> '_Training':
@@ -456,9 +484,13 @@ def _prepare(run: _Run, train_dir: Path, val_dir: Path, classes: List[str]) -> T
     """The model with a classifier for `classes`, the data and the optimiser (`_Training`); the registered name the
     card describes; the data config of the transforms."""
     random_seed(run.recipe.seed)
-    model = load_model(run.model_name, pretrained=run.pretrained, weights=run.weights, require_weights=False)
+    model = load_model(run.model_name, pretrained=run.pretrained, weights=run.weights, require_weights=False,
+                       in_chans=run.in_chans)
     card_name = model_card_name(model)
     model.reset_classifier(len(classes))
+    if run.labels is not None:
+        training, data_config = _multilabel_training(model, run, train_dir, val_dir)
+        return training, card_name, data_config
     train_set, val_set, data_config = _datasets(train_dir, val_dir, model, run.recipe)
     if len(train_set) == 0 or len(val_set) == 0:
         raise ValueError(f'{run.data_dir}: train/ or val/ holds no images; put images in every class folder.')
@@ -489,6 +521,10 @@ def _run_epochs(training: _Training, state: Dict[str, Any], out_dir: Path, progr
     for epoch in range(state['epoch'] + 1, recipe.epochs + 1):
         epoch_start = time.perf_counter()
         train_loss = training.train_epoch(epoch, progress)
+        if training.multi_label:  # the highest mean AUROC is the best epoch
+            state = _multilabel_epoch(training, state, epoch, train_loss, epoch_start, progress, log)
+            training.save_state(state, out_dir)
+            continue
         correct, total = evaluate(model, training.val_set, progress=progress, threads=threads)
         accuracy = correct / total
         is_best = accuracy > best['accuracy']
@@ -513,13 +549,162 @@ def _write_best(training: _Training, state: Dict[str, Any], out_dir: Path, run: 
     model.eval()
     data_text = data_description or (
         f'the image folder `{run.data_dir.name}/` (torchvision `ImageFolder` layout: train/ and val/, one sub-folder '
-        f'per class)')
+        f'per class)' if run.labels is None else run.labels.describe(run.data_dir))
     record = _training_record(state['history'], best, classes, run.recipe, data_config,
                               data_name or run.data_dir.resolve().name, data_text, base, len(training.train_set),
                               len(training.val_set))
+    measured = f'{100 * best["accuracy"]:.2f}% validation accuracy'
+    extra_config, written_config = None, {'input_size': data_config['input_size']} if run.recipe.img_size else None
+    if run.labels is not None:
+        record, measured, extra_config, written_config = _multilabel_record(
+            record, best, state['history'], training, data_config)
     write_hub_folder(
         model, out_dir, model_name=card_name, repo_id=repo_id, force=True, label_names=classes,
-        data_config={'input_size': data_config['input_size']} if run.recipe.img_size else None, training=record,
+        data_config=written_config, training=record, extra_config=extra_config,
         base_model=weights_repo_id(run.model_name, pretrained=run.pretrained, weights=run.weights),
-        weights_source=f'Fine-tuned with `timm-densenet-ext finetune` from {base} on {data_text}: '
-                       f'{100 * best["accuracy"]:.2f}% validation accuracy.')
+        weights_source=f'Fine-tuned with `timm-densenet-ext finetune` from {base} on {data_text}: {measured}.')
+
+
+# ---- multi-label (CheXNet style): a label CSV, a sigmoid per label, AUROC and a threshold per label
+
+@dataclass(frozen=True)
+class _Labels:
+    """A multi-label run's label CSV, the labels asked for (None: the CSV's) and what its -1 counts as."""
+    csv: Path
+    names: Optional[Tuple[str, ...]] = None
+    uncertain: Optional[int] = None
+
+    def saved(self) -> Dict[str, Any]:
+        return dict(multi_label=True, labels=str(self.csv.resolve()), uncertain=self.uncertain,
+                    label_names=list(self.names) if self.names is not None else None)
+
+    def describe(self, data_dir: Path) -> str:
+        """The data, for the model card."""
+        return (f'the images of `{data_dir.name}/` (train/ and val/) with their labels from `{self.csv.name}` (a row '
+                f'per image, several labels each)')
+
+
+def _names(label_names: Union[str, Sequence[str], None]) -> Optional[Tuple[str, ...]]:
+    return tuple(label_names.split(',')) if isinstance(label_names, str) else (
+        None if label_names is None else tuple(label_names))
+
+
+def _with_labels(run: _Run, state: Optional[Dict[str, Any]], multi_label: bool, labels: Union[str, Path, None],
+                 label_names: Union[str, Sequence[str], None], uncertain: Optional[int], in_chans: Optional[int],
+                 out_dir: Path) -> _Run:
+    """`run` with its label CSV (a multi-label run) and input channels, new or the interrupted run's (refusing ones
+    that differ from it)."""
+    if in_chans is not None and in_chans not in (1, 3):
+        raise ValueError(f'{arg("in_chans", in_chans)}: give 1 (grey images) or 3 (RGB).')
+    saved = state['run'] if state is not None else dict(multi_label=multi_label)
+    if state is not None:
+        if multi_label and not saved.get('multi_label'):
+            raise ValueError(f'{out_dir}: its interrupted run is single-label (an image folder of classes); resume it '
+                             f'without {arg("multi_label")}, or start again with {arg("force")}.')
+        _resumed_settings(state, dict(in_chans=in_chans, uncertain=uncertain), out_dir)
+        in_chans = saved.get('in_chans')
+    if not saved.get('multi_label'):
+        given = next((n for n, v in (('labels', labels), ('label_names', label_names), ('uncertain', uncertain),
+                                     ('in_chans', in_chans if in_chans != 3 else None)) if v is not None), None)
+        if given:
+            raise ValueError(f'{arg(given, "...")}: is for multi-label runs; add {arg("multi_label")} and '
+                             f'{arg("labels", "CSV")}, or leave it out.')
+        return dataclasses.replace(run, in_chans=in_chans)
+    if state is not None:
+        labels = labels if labels is not None else saved['labels']
+        label_names = label_names if label_names is not None else saved['label_names']
+        uncertain = saved['uncertain']
+    csv = Path(labels) if labels is not None else run.data_dir / LABELS_FILE
+    return dataclasses.replace(run, labels=_Labels(csv, _names(label_names), uncertain), in_chans=in_chans)
+
+
+def _label_splits(run: _Run, state: Optional[Dict[str, Any]]) -> Tuple[LabelTable, LabelTable, List[str]]:
+    """The label tables of DIR/train and DIR/val, and the label names; refusing a label set other than an
+    interrupted run's, and validation images on which no label has an AUROC."""
+    labels = run.labels
+    table = read_labels(labels.csv, run.data_dir, label_names=labels.names, uncertain=labels.uncertain)
+    names = list(table.names)
+    if state is not None and list(state['classes']) != names:
+        raise ValueError(
+            f'{labels.csv}: its labels ({", ".join(names[:5])}{", ..." if len(names) > 5 else ""}) are not the '
+            f'interrupted run\'s ({", ".join(state["classes"][:5])}{", ..." if len(state["classes"]) > 5 else ""}); '
+            f'give the label CSV and {arg("label_names", "NAMES")} it was started with, or start again with '
+            f'{arg("force")}.')
+    train, val = table.split('train'), table.split('val')
+    one_class = val.matrix().min(axis=0) == val.matrix().max(axis=0)
+    if one_class.all():
+        raise ValueError(f'{labels.csv}: no label has both positive and negative images in val/, so no AUROC can be '
+                         f'measured; put images with and without each label in val/.')
+    return train, val, names
+
+
+def _multilabel_training(model: nn.Module, run: _Run, train: LabelTable,
+                         val: LabelTable) -> Tuple[_Training, Dict[str, Any]]:
+    """The training of a sigmoid per label (binary cross-entropy) on the label tables' images, and the data config
+    of its transforms (one mean and std for a 1-channel model)."""
+    import timm
+    recipe = run.recipe
+    if getattr(model, 'in_chans', 3) == 1:
+        data_config = grayscale_data_config(model, recipe.img_size)
+    else:
+        overrides = {'input_size': (3, recipe.img_size, recipe.img_size)} if recipe.img_size else {}
+        data_config = timm.data.resolve_data_config(overrides, model=model)
+    train_tf = timm.data.create_transform(
+        **data_config, is_training=True, hflip=recipe.hflip, scale=recipe.scale, color_jitter=recipe.color_jitter)
+    val_tf = timm.data.create_transform(**data_config)
+    mode = input_img_mode(data_config)
+    training = _Training.build(model, MultiLabelDataset(run.data_dir, train, train_tf, mode),
+                               MultiLabelDataset(run.data_dir, val, val_tf, mode), recipe)
+    training.criterion, training.multi_label = nn.BCEWithLogitsLoss(), True
+    return training, data_config
+
+
+def _multilabel_epoch(training: _Training, state: Dict[str, Any], epoch: int, train_loss: float, started: float,
+                      progress: Optional[bool], log: Callable[[str], None]) -> Dict[str, Any]:
+    """Validate epoch `epoch` of a multi-label run (`multilabel.evaluate_multilabel`) and log it; the state after it,
+    whose `best` is the epoch of the highest mean AUROC (its weights, per-label AUROC and thresholds)."""
+    model = training.model
+    measured = evaluate_multilabel(model, training.val_set, progress=progress)
+    best, accuracy = dict(state['best']), measured['correct'] / measured['total']
+    is_best = measured['mean'] > best.get('mean_auroc', -1.0)
+    if is_best:
+        best = dict(epoch=epoch, accuracy=accuracy, correct=measured['correct'], mean_auroc=measured['mean'],
+                    per_label=measured['per_label'], thresholds=measured['thresholds'], rule=measured['rule'],
+                    note=measured['note'], state_dict=copy.deepcopy(model.state_dict()))
+    seconds = time.perf_counter() - started
+    history = list(state['history']) + [dict(epoch=epoch, train_loss=train_loss, val_auroc=measured['mean'],
+                                             val_accuracy=accuracy, lr=training.optimizer.param_groups[0]['lr'],
+                                             seconds=seconds)]
+    per_label = ', '.join(f'{name} {"-" if a is None else f"{a:.3f}"}' for name, a in measured['per_label'].items())
+    log(f'epoch {epoch:>3}/{training.recipe.epochs}  train loss {train_loss:.4f}  val mean AUROC '
+        f'{measured["mean"]:.4f} ({per_label})  {seconds:5.1f} s{"  best" if is_best else ""}')
+    return dict(state, epoch=epoch, history=history, best=best)
+
+
+def _multilabel_result(best: Dict[str, Any]) -> Dict[str, Any]:
+    return dict(mean_auroc=best['mean_auroc'], per_label=dict(best['per_label']), thresholds=list(best['thresholds']),
+                rule=best['rule'])
+
+
+def _multilabel_record(record: Dict[str, Any], best: Dict[str, Any], history: List[Dict[str, float]],
+                       training: _Training, data_config: Dict[str, Any],
+                       ) -> Tuple[Dict[str, Any], str, Dict[str, Any], Optional[Dict[str, Any]]]:
+    """A multi-label run's card record (its loss, labels with their validation AUROC and threshold, AUROC per
+    epoch), the measure its weights source states, config.json's multi-label keys and the data config written."""
+    rule = {'f1': 'the highest F1', 'youden': "the highest Youden's J"}[best['rule']]
+    recipe = [line if not line.startswith('cross-entropy') else
+              'binary cross-entropy per label (`BCEWithLogitsLoss`: a sigmoid per label)' for line in record['recipe']]
+    recipe.append(f'best epoch: the highest mean validation AUROC (scikit-learn `roc_auc_score` per label); a '
+                  f'threshold per label at {rule} on the validation images')
+    positives = training.val_set.table.positives()
+    labels = [dict(name=name, auroc='undefined' if a is None else f'{a:.4f}', threshold=f'{t:.4f}',
+                   positives=positives[name]) for (name, a), t in zip(best['per_label'].items(), best['thresholds'])]
+    history = [dict(epoch=h['epoch'], train_loss=f'{h["train_loss"]:.4f}', val_auroc=f'{h["val_auroc"]:.4f}')
+               for h in history]
+    record = dict(record, recipe=recipe, history=history, multi_label=dict(
+        mean_auroc=best['mean_auroc'], labels=labels, note=best['note'], rule=best['rule']))
+    written = {'input_size': data_config['input_size']} if training.recipe.img_size else {}
+    if data_config['input_size'][0] == 1:  # one mean and std: timm's own would be the RGB ones
+        written.update(input_size=data_config['input_size'], mean=data_config['mean'], std=data_config['std'])
+    return (record, f'mean validation AUROC {best["mean_auroc"]:.4f}', config_entries(best['thresholds'], best['rule']),
+            written or None)

@@ -30,6 +30,8 @@ PLACEHOLDER_ORG = 'YOUR-ORG'
 # config.json key (timm reads only its own keys) recording what the card was rendered from, so that `push` can render
 # it again for the repository it pushes to; it holds nothing the card does not say
 CARD_INPUTS_KEY = 'timm_densenet_ext_card'
+# config.json's top-level keys of a multi-label model (`multilabel.config_entries`), which its card states
+MULTI_LABEL_KEYS = ('problem_type', 'label_thresholds', 'threshold_rule')
 
 _HF_HUB_REF = re.compile(r'hf-hub:([\w.\-]+/[\w.\-]+)')
 _LOGIN_HINT = 'log in with `hf auth login`, or set HF_TOKEN to a token with write access'
@@ -69,7 +71,7 @@ def _label_config(model: nn.Module) -> Dict[str, Any]:
 def _card_cfg(config: Dict[str, Any]) -> Dict[str, Any]:
     """The pretrained config a hub folder's card is rendered with: config.json's, with its class names."""
     card_cfg = dict(config['pretrained_cfg'])
-    card_cfg.update({k: config[k] for k in ('label_names', 'label_descriptions') if k in config})
+    card_cfg.update({k: config[k] for k in ('label_names', 'label_descriptions', *MULTI_LABEL_KEYS) if k in config})
     return card_cfg
 
 
@@ -100,6 +102,7 @@ def write_hub_folder(
         base_model: Optional[str] = None,
         datasets: Union[str, Sequence[str], None] = None,
         license: Optional[str] = None,
+        extra_config: Optional[Dict[str, Any]] = None,
 ) -> Path:
     """Write `model` as a hub folder: model.safetensors and config.json (timm's `save_for_hf`) and the model card.
 
@@ -111,6 +114,8 @@ def write_hub_folder(
     what is given: `weights_source` (a sentence), `training` (the Training section and its accuracy, from
     `finetune`), `base_model` (the Hub repository they were trained from), `datasets` (Hub dataset ids), `license`.
     These inputs are recorded in config.json under 'timm_densenet_ext_card', which timm ignores.
+    `extra_config`: keys added at config.json's top level, beside `label_names`, which timm ignores (a multi-label
+    model's `problem_type`, `label_thresholds` and `threshold_rule`: `multilabel.config_entries`); the card reads them.
     Everything is written to a temporary folder beside `out_dir`, then renamed: a failed write leaves `out_dir` as
     it was. An existing non-empty `out_dir` is replaced only with `force`.
     """
@@ -122,7 +127,7 @@ def write_hub_folder(
     with claim(target):  # from the check to the rename: a second writer of the same folder is refused, not lost
         check_out_dir(out_dir, force)
         _write_staged(model, target, model_name, repo_id, label_names, data_config,
-                      _card_facts(weights_source, training, base_model, datasets, license))
+                      _card_facts(weights_source, training, base_model, datasets, license), extra_config)
     return out_dir
 
 
@@ -135,13 +140,14 @@ def _card_facts(weights_source: Optional[str], training: Optional[Dict[str, Any]
 
 def _write_staged(model: nn.Module, target: Path, model_name: str, repo_id: Optional[str],
                   label_names: Optional[Sequence[str]], data_config: Optional[Dict[str, Any]],
-                  facts: Dict[str, Any]) -> None:
+                  facts: Dict[str, Any], extra_config: Optional[Dict[str, Any]] = None) -> None:
     """Write the folder's files into a temporary folder beside `target`, then swap it in (`_files.writing_folder`)."""
     from timm.models import save_for_hf
     with writing_folder(target) as staging:
         labels = dict(label_names=list(label_names)) if label_names else _label_config(model)
         save_for_hf(model, str(staging), model_config=labels, data_config=data_config, safe_serialization=True)
         config = json.loads((staging / CONFIG_FILE).read_text())
+        config.update(extra_config or {})
         repo_id = repo_id or f'{PLACEHOLDER_ORG}/{target.name}'
         inputs = dict(model_name=model_name, repo_id=repo_id, **facts)
         card = _render_folder_card(config, inputs, repo_id).encode('utf-8')

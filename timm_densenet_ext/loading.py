@@ -38,6 +38,7 @@ def load_model(
         pretrained: bool = False,
         weights: Union[str, Path, None] = None,
         require_weights: bool = True,
+        in_chans: Optional[int] = None,
 ) -> nn.Module:
     """Build `model_name` with its weights, in eval mode.
 
@@ -46,7 +47,9 @@ def load_model(
     verified against the architecture; the classifier size comes from the file); or it is a hub folder
     'local-dir:DIR' or a Hub repository 'hf-hub:ORG/NAME', whose own weights, classes and preprocessing always load.
     With `require_weights`, a registered variant given neither `pretrained` nor `weights` is refused: its weights
-    would be random. Raises ValueError or FileNotFoundError with a message naming the thing and the fix.
+    would be random. `in_chans` (1 for grey images): the input channels, the first convolution of the weights adapted
+    to them (timm's `adapt_input_conv`: a 1-channel model sums the RGB weights); default the weights' own.
+    Raises ValueError or FileNotFoundError with a message naming the thing and the fix.
     """
     import timm
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -55,6 +58,9 @@ def load_model(
     if pretrained and weights is not None:
         raise ValueError(f'give either {arg("pretrained")} (the Hub\'s weights) or {arg("weights", "PATH")} (a file), '
                          f'not both.')
+    if in_chans is not None and in_chans < 1:
+        raise ValueError(f'{arg("in_chans", in_chans)}: give 1 (grey images), 3 (RGB) or another number of channels.')
+    channels = {} if in_chans is None else dict(in_chans=in_chans)
 
     if model_name.startswith(HUB_PREFIXES):
         if weights is not None:
@@ -64,7 +70,7 @@ def load_model(
         if model_name.startswith('local-dir:'):
             _check_hub_folder(Path(model_name[len('local-dir:'):]), model_name)
         try:
-            model = timm.create_model(model_name, pretrained=True)
+            model = timm.create_model(model_name, pretrained=True, **channels)
         except LocalEntryNotFoundError:  # huggingface_hub's message names neither the repository nor a way out
             raise FileNotFoundError(hub_offline_message(model_name, 'give a hub folder as local-dir:DIR')) from None
         except RuntimeError as e:  # timm: 'Unknown model (...)' for an architecture it does not know
@@ -83,13 +89,27 @@ def load_model(
             raise ValueError(
                 f'{weights}: is a hub folder; give it as the model, local-dir:{weights}, instead of '
                 f'{arg("weights", "PATH")}.')
-        return model_from_checkpoint(weights, model_name)
+        return _adapted_input(model_from_checkpoint(weights, model_name), in_chans)
     if require_weights and not pretrained:
         hint = f'{arg("pretrained")} (the Hub\'s weights), ' if has_weights else ''
         raise ValueError(
             f'{model_name}: no weights given, so its outputs would be random; pass {hint}{arg("weights", "PATH")} '
             f'(a checkpoint file), or give a hub folder as the model, local-dir:DIR.')
-    return timm.create_model(model_name, pretrained=pretrained).eval()
+    return timm.create_model(model_name, pretrained=pretrained, **channels).eval()
+
+
+def _adapted_input(model: nn.Module, in_chans: Optional[int]) -> nn.Module:
+    """`model` taking `in_chans` input channels: its first convolution's weights adapted as timm's builder adapts
+    pretrained ones (`adapt_input_conv`), the config's input size and mean/std left to the caller."""
+    from timm.models import adapt_input_conv
+    conv = model.get_submodule(model.pretrained_cfg['first_conv'])
+    if in_chans is None or in_chans == conv.in_channels:
+        return model
+    conv.weight = nn.Parameter(adapt_input_conv(in_chans, conv.weight.detach()))
+    conv.in_channels = in_chans
+    model.in_chans = in_chans
+    model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(in_chans, *model.pretrained_cfg['input_size'][1:]))
+    return model
 
 
 def model_card_name(model: nn.Module) -> str:

@@ -1,7 +1,10 @@
 """Classify images: the model's own preprocessing (timm's `resolve_data_config` / `create_transform`), its class
-names (a hub folder's `label_names`, or ImageNet's from timm's `ImageNetInfo`), top-k labels and probabilities; and,
-when asked, each image's class activation map as a PNG overlay (`explain`)."""
+names (a hub folder's `label_names`, or ImageNet's from timm's `ImageNetInfo`), top-k labels and probabilities; for a
+multi-label hub folder (config.json's `label_thresholds`), every label whose sigmoid probability reaches its
+threshold; and, when asked, each image's class activation map as a PNG overlay (`explain`). A 1-channel model reads
+images in grey ('L')."""
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -13,18 +16,22 @@ from ._naming import arg
 from .images import UnreadableImage, read_image
 from .loading import load_model
 from .model_io import class_names, imagenet_label_config, preprocessing
+from .multilabel import findings, input_img_mode, thresholds_from_config
 
-__all__ = ['Prediction', 'imagenet_label_config', 'class_names', 'preprocessing', 'classify', 'predict']
+__all__ = ['Prediction', 'imagenet_label_config', 'class_names', 'preprocessing', 'classify', 'classify_multilabel',
+           'folder_thresholds', 'predict']
 
 
 @dataclass(frozen=True)
 class Prediction:
     """The top classes of one image, best first, as (class index, class name, probability); or why it failed; and
-    the class activation map written for it (`predict(cam_dir=...)`), if any."""
+    the class activation map written for it (`predict(cam_dir=...)`), if any. For a multi-label model
+    (`multi_label`), `top` holds every label at or above its threshold, most probable first."""
     path: str
     top: List[Tuple[int, str, float]] = field(default_factory=list)
     error: Optional[str] = None
     cam: Optional[str] = None
+    multi_label: bool = False
 
 
 def classify(
@@ -58,7 +65,7 @@ def classify(
 
     for i, path in enumerate(images):
         try:
-            image = read_image(path)
+            image = read_image(path).convert(_image_mode(model))
         except UnreadableImage as e:
             results[i] = Prediction(str(path), error=str(e))
             continue
@@ -69,6 +76,57 @@ def classify(
     if batch:
         run(batch)
     return results
+
+
+def _image_mode(model: nn.Module) -> str:
+    """The PIL mode the model's images are read in: 'L' for a 1-channel model, else 'RGB'."""
+    return input_img_mode(dict(input_size=(getattr(model, 'in_chans', 3),)))
+
+
+def classify_multilabel(
+        model: nn.Module,
+        images: Sequence[Union[str, Path]],
+        thresholds: Sequence[float],
+        batch_size: int = 16,
+) -> List[Prediction]:
+    """For each image file, the labels whose sigmoid probability under `model` (in eval mode, its pretrained
+    config's preprocessing) is at or above their threshold (`multilabel.findings`), most probable first; an
+    unreadable image gets its `error` and the others are still classified."""
+    if len(thresholds) != model.num_classes:
+        raise ValueError(f'{len(thresholds)} thresholds for {model.num_classes} labels: give one per label.')
+    transform, names, mode = preprocessing(model), class_names(model), _image_mode(model)
+    results: List[Prediction] = []
+    for start in range(0, len(images), batch_size):
+        tensors, paths = [], list(images[start:start + batch_size])
+        for path in paths:
+            try:
+                tensors.append(transform(read_image(path).convert(mode)))
+            except UnreadableImage as e:
+                tensors.append(str(e))
+        batch = [x for x in tensors if not isinstance(x, str)]
+        with torch.no_grad():
+            probabilities = iter(model(torch.stack(batch)).sigmoid().tolist() if batch else [])
+        for path, x in zip(paths, tensors):
+            if isinstance(x, str):
+                results.append(Prediction(str(path), error=x, multi_label=True))
+                continue
+            found = findings(next(probabilities), thresholds, names)
+            results.append(Prediction(str(path), [(names.index(n), n, q) for n, q in found], multi_label=True))
+    return results
+
+
+def folder_thresholds(model_name: str, model: nn.Module) -> Optional[List[float]]:
+    """The per-label thresholds in the config.json of the hub folder or Hub repository `model_name` names (a
+    multi-label model's), else None."""
+    if model_name.startswith('local-dir:'):
+        path = Path(model_name[len('local-dir:'):]) / 'config.json'
+    elif model_name.startswith('hf-hub:'):
+        from huggingface_hub import hf_hub_download
+        repo, _, revision = model_name[len('hf-hub:'):].partition('@')
+        path = Path(hf_hub_download(repo, 'config.json', revision=revision or None))
+    else:
+        return None
+    return thresholds_from_config(json.loads(path.read_text(encoding='utf-8')), model.num_classes)
 
 
 def predict(
@@ -85,7 +143,7 @@ def predict(
 ) -> List[Prediction]:
     """Classify image files with a model loaded by `loading.load_model` (a variant with `pretrained` or `weights`,
     or a hub folder 'local-dir:DIR'): the top-k class names and probabilities of each image, `batch_size` images
-    per forward pass.
+    per forward pass. A multi-label hub folder gives every label at or above its threshold instead (`top_k` unused).
 
     With `cam_dir`, also write each classified image's Grad-CAM overlay (`explain.explain`) of its top class, or of
     the class named `cam_class`, as `cam_dir`/<image name>.png, recorded in its `Prediction.cam`. Everything is
@@ -100,13 +158,20 @@ def predict(
         raise ValueError(f'{arg("cam_class", cam_class)} picks the class of the maps; give {arg("cam_dir", "DIR")} '
                          f'too, the folder they go to.')
     model = load_model(model_name, pretrained=pretrained, weights=weights)
-    if cam_dir is None:
+    thresholds = folder_thresholds(model_name, model)
+
+    def run() -> List[Prediction]:
+        if thresholds is not None:
+            return classify_multilabel(model, images, thresholds, batch_size=batch_size)
         return classify(model, images, top_k=top_k, batch_size=batch_size)
+
+    if cam_dir is None:
+        return run()
     from .explain import _cam_class
     _cam_class('gradcam')  # pytorch-grad-cam is installed
     class_index = None if cam_class is None else _class_index(model, cam_class)
     destinations = _cam_paths(images, Path(cam_dir), force)
-    results = classify(model, images, top_k=top_k, batch_size=batch_size)
+    results = run()
     return [_with_cam(model, r, path, class_index, force) for r, path in zip(results, destinations)]
 
 
@@ -142,5 +207,7 @@ def _with_cam(model: nn.Module, result: Prediction, path: Path, class_index: Opt
     if result.error is not None:
         return result
     path.parent.mkdir(parents=True, exist_ok=True)
-    explain(model, result.path, result.top[0][0] if class_index is None else class_index, overlay=path, force=force)
+    if class_index is None and result.top:
+        class_index = result.top[0][0]  # else (a multi-label image without findings): the most probable label
+    explain(model, result.path, class_index, overlay=path, force=force)
     return dataclasses.replace(result, cam=str(path))
