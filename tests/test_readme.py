@@ -67,7 +67,8 @@ def test_the_test_extra_brings_what_the_workflows_need():
     # benchmark measures them all
     assert 'timm-densenet-ext[export]' in extras['deploy'] and any(r.startswith('openvino') for r in extras['deploy'])
     assert 'timm-densenet-ext[deploy]' in extras['bench']
-    assert 'timm-densenet-ext[demo,export,bench]' in extras['test']
+    assert 'timm-densenet-ext[demo,export,bench,validate,explain]' in extras['test']
+    assert extras['validate'] == ['matplotlib'] and [re.split('[<>=]', r)[0] for r in extras['explain']] == ['grad-cam']
 
 
 def test_every_python_block_is_run():

@@ -17,7 +17,8 @@ _LAZY = {
     'fuse_for_inference': 'models.fused',
     'optimize_for_inference': 'deploy',
     'fpn_backbone': 'models.detection',
-    'validate': 'validate', 'ValidateResult': 'validate',
+    'validate': 'validate', 'ValidateResult': 'validate', 'explain': 'explain',
+    'read_labels': 'multilabel', 'auroc_per_label': 'multilabel', 'pick_thresholds': 'multilabel',
 }
 
 __all__ = ['DenseNet', 'DenseLayer', 'DenseBlock', 'DenseTransition', 'MODEL_NAMES', 'checkpoint_filter_fn',

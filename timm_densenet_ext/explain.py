@@ -9,6 +9,8 @@ Gradients are taken at that layer only: everything before it runs without autogr
 forward pass, and the model is left as it was found (its mode, `requires_grad` flags and `.grad`).
 """
 import contextlib
+import sys
+import types
 from pathlib import Path
 from typing import Any, Iterator, List, Optional, Tuple, Union
 
@@ -231,3 +233,15 @@ def _write_overlay(seen: np.ndarray, heatmap: np.ndarray, path: Path, force: boo
     path.absolute().parent.mkdir(parents=True, exist_ok=True)
     with writing(path, force=force, exists_message=f'{path}: exists; pass {arg("force")} to replace it.') as tmp:
         Image.fromarray(picture).save(tmp, format='PNG')
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as its function: `timm_densenet_ext.explain(...)` runs `explain` whether the package's
+    name is bound to the function (its lazy export) or to this module (bound by any `import timm_densenet_ext.explain`
+    or `from timm_densenet_ext.explain import ...`, which takes precedence)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> np.ndarray:
+        return explain(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

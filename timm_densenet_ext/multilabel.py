@@ -51,7 +51,7 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.t
 SHAPES = ('bar', 'disk', 'ring', 'square')  # the generated findings, in the label order `read_labels` gives them
 THRESHOLD_RULES = ('f1', 'youden')
 PROBLEM_TYPE = 'multi_label_classification'  # config.json's problem_type, as transformers names it
-_SKLEARN_HINT = "pip install scikit-learn (or 'timm-densenet-ext[demo]')"
+_SKLEARN_HINT = 'pip install scikit-learn (a dependency of timm-densenet-ext)'
 
 
 @dataclass(frozen=True)

@@ -258,6 +258,7 @@ def validate(
     output = Path(output) if output is not None else None
     if output is not None:
         _check_output(output, force)
+        _matplotlib()  # before the images are measured
     _image_folder(data_dir)
     model = load_model(model_name, pretrained=pretrained, weights=weights)
     data = _prepare(model, data_dir, img_size)
@@ -296,13 +297,23 @@ def _short(name: str, width: int = 24) -> str:
     return name if len(name) <= width else name[:width - 1] + '…'
 
 
+def _matplotlib() -> Tuple[type, type]:
+    """matplotlib's PowerNorm and Figure; ImportError with the install hint if it is missing."""
+    try:
+        from matplotlib.colors import PowerNorm
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError("confusion.png is drawn by matplotlib: pip install 'timm-densenet-ext[validate]', or leave "
+                          f'out {arg("output", "DIR")}.') from None
+    return PowerNorm, Figure
+
+
 def confusion_figure(result: ValidateResult):
     """The confusion matrix as a matplotlib `Figure`: each row (true class) as fractions of its images, so that
     classes of every size read alike, on a square-root colour scale with its bar; the class names on both axes, and
     the counts in the cells up to 15 classes; the matrix 0.45 in a class up to 18 in (100 classes), names thinned to
     100 beyond that."""
-    from matplotlib.colors import PowerNorm
-    from matplotlib.figure import Figure
+    PowerNorm, Figure = _matplotlib()
     counts = result.confusion
     rows, cols = counts.shape
     fractions = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
