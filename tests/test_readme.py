@@ -73,7 +73,7 @@ def test_the_test_extra_brings_what_the_workflows_need():
 
 def test_every_python_block_is_run():
     # a new block that reads a folder nobody makes fails here rather than being skipped
-    assert len(BLOCKS) == 6
+    assert len(BLOCKS) == 7
     for code in BLOCKS:
         for folder in re.findall(r"local-dir:([\w.\-/]+)'", code):
             assert folder in FOLDERS, f'README code loads local-dir:{folder}; add it to FOLDERS in {__file__}'
