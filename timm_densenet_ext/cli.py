@@ -178,7 +178,7 @@ def _finetune_arguments(p: argparse.ArgumentParser) -> None:
     _add_output(p, 'the hub folder to write (the best epoch)')
     _add_weights(p, 'start from')
     _option(p, 'epochs', 'epochs (default 10)')
-    _option(p, 'batch_size', 'batch size (default 32)')
+    _option(p, 'batch_size', 'batch size (default 32); under torchrun the global batch, split between the processes')
     p.add_argument('--lr', type=float, metavar='LR', help='AdamW peak learning rate, cosine schedule (default 1e-3)')
     p.add_argument('--weight-decay', type=float, metavar='WD', help='AdamW weight decay (default 0.05)')
     _option(p, 'img_size', "train and record this input size (default: the model's)")
@@ -187,7 +187,10 @@ def _finetune_arguments(p: argparse.ArgumentParser) -> None:
                    help='random-resized crop area range (default 0.08 1.0)')
     p.add_argument('--seed', type=int, metavar='S', help='seed of the classifier, batches and augmentation (default 0)')
     _option(p, 'repo_id', "the Hub repository the card's usage code loads")
-    p.add_argument('--resume', action='store_true', help='continue the interrupted run in --output')
+    p.add_argument('--resume', action='store_true', help='continue the interrupted run in --output (with any number '
+                                                        'of processes)')
+    p.add_argument('--sync-bn', action='store_true', help='under torchrun: BatchNorm with the statistics of the '
+                                                          'global batch, over every process (SyncBatchNorm)')
     _option(p, 'threads')
     _option(p, 'force', 'replace an existing --output (kept if the run fails)')
 
@@ -199,17 +202,24 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             args.model, args.data_dir, args.output, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
             weight_decay=args.weight_decay, img_size=args.img_size, hflip=args.hflip, scale=args.scale,
             seed=args.seed, pretrained=args.pretrained, weights=args.checkpoint, resume=args.resume,
-            force=args.force, repo_id=args.repo_id, threads=args.threads)
+            force=args.force, repo_id=args.repo_id, threads=args.threads, sync_bn=args.sync_bn)
     except KeyboardInterrupt:
         state = Path(args.output) / STATE_FILE
-        if state.is_file():
+        if state.is_file() and _primary():
             print(f'\ninterrupted: {state} holds the last finished epoch; continue with the same command and '
                   f'--resume.', file=sys.stderr)
         return 130
+    if result.rank != 0:  # torchrun's other processes: rank 0 prints
+        return 0
     print(f'wrote {result.out_dir}: epoch {result.best_epoch}, validation accuracy {100 * result.val_accuracy:.2f}% '
           f'({result.val_correct}/{result.val_images}):')
     _print_hub_folder(result.out_dir, args.repo_id)
     return 0
+
+
+def _primary() -> bool:
+    """Whether this process reports: not one of torchrun's processes other than rank 0."""
+    return os.environ.get('RANK', '0') == '0'
 
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
@@ -416,7 +426,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (CliError, ValueError, OSError, ImportError) as e:
         if isinstance(e, BrokenPipeError):
             return _broken_pipe()
-        print(f'timm-densenet-ext {args.command}: error: {e}', file=sys.stderr)
+        if _primary():  # under torchrun every process raises the error; rank 0 says it
+            print(f'timm-densenet-ext {args.command}: error: {e}', file=sys.stderr)
         return 2
 
 
