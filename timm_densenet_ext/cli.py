@@ -191,7 +191,7 @@ def _finetune_arguments(p: argparse.ArgumentParser) -> None:
     _add_output(p, 'the hub folder to write (the best epoch)')
     _add_weights(p, 'start from')
     _option(p, 'epochs', 'epochs (default 10)')
-    _option(p, 'batch_size', 'batch size (default 32)')
+    _option(p, 'batch_size', 'batch size (default 32); under torchrun the global batch, split between the processes')
     p.add_argument('--lr', type=float, metavar='LR', help='AdamW peak learning rate, cosine schedule (default 1e-3)')
     p.add_argument('--weight-decay', type=float, metavar='WD', help='AdamW weight decay (default 0.05)')
     _option(p, 'img_size', "train and record this input size (default: the model's)")
@@ -201,7 +201,10 @@ def _finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--color-jitter', type=float, metavar='F', help='colour jitter strength (default 0.4; 0: none)')
     p.add_argument('--seed', type=int, metavar='S', help='seed of the classifier, batches and augmentation (default 0)')
     _option(p, 'repo_id', "the Hub repository the card's usage code loads")
-    p.add_argument('--resume', action='store_true', help='continue the interrupted run in --output')
+    p.add_argument('--resume', action='store_true', help='continue the interrupted run in --output (with any number '
+                                                        'of processes)')
+    p.add_argument('--sync-bn', action='store_true', help='under torchrun: BatchNorm with the statistics of the '
+                                                          'global batch, over every process (SyncBatchNorm)')
     _option(p, 'threads')
     _option(p, 'force', 'replace an existing --output (kept if the run fails)')
     group = p.add_argument_group('multi-label (CheXNet style: several labels per image, a sigmoid per label)')
@@ -226,13 +229,15 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             seed=args.seed, pretrained=args.pretrained, weights=args.checkpoint, resume=args.resume,
             force=args.force, repo_id=args.repo_id, threads=args.threads, multi_label=args.multi_label,
             labels=args.labels, label_names=args.label_names, uncertain=args.uncertain, in_chans=args.in_chans,
-            color_jitter=args.color_jitter)
+            color_jitter=args.color_jitter, sync_bn=args.sync_bn)
     except KeyboardInterrupt:
         state = Path(args.output) / STATE_FILE
-        if state.is_file():
+        if state.is_file() and _primary():
             print(f'\ninterrupted: {state} holds the last finished epoch; continue with the same command and '
                   f'--resume.', file=sys.stderr)
         return 130
+    if result.rank != 0:  # torchrun's other processes: rank 0 prints
+        return 0
     measured = (_auroc_summary(result.multi_label) if result.multi_label else
                 f'validation accuracy {100 * result.val_accuracy:.2f}% ({result.val_correct}/{result.val_images})')
     print(f'wrote {result.out_dir}: epoch {result.best_epoch}, {measured}:')
@@ -277,6 +282,11 @@ def _auroc_summary(measured: Dict[str, object]) -> str:
     """A multi-label run's mean validation AUROC and each label's."""
     per_label = ', '.join(f'{n} {"-" if a is None else f"{a:.4f}"}' for n, a in measured['per_label'].items())
     return f'mean validation AUROC {measured["mean_auroc"]:.4f} ({per_label})'
+
+
+def _primary() -> bool:
+    """Whether this process reports: not one of torchrun's processes other than rank 0."""
+    return os.environ.get('RANK', '0') == '0'
 
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
@@ -485,7 +495,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (CliError, ValueError, OSError, ImportError) as e:
         if isinstance(e, BrokenPipeError):
             return _broken_pipe()
-        print(f'timm-densenet-ext {args.command}: error: {e}', file=sys.stderr)
+        if _primary():  # under torchrun every process raises the error; rank 0 says it
+            print(f'timm-densenet-ext {args.command}: error: {e}', file=sys.stderr)
         return 2
 
 

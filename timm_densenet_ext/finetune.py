@@ -14,20 +14,28 @@ images: the first convolution adapted from 3-channel weights, one mean and std (
 
 Resumable: after every epoch the run's state is saved as OUT/.finetune-state.pth (a hidden file, so `push` leaves it
 out); `resume=True` continues from it, and the finished hub folder replaces it.
+
+Started by torchrun, it trains on every process with DistributedDataParallel (`_distributed`): each process takes its
+part of every global batch, rank 0 alone logs, validates and writes. The batches, their augmentation and the state
+file do not depend on the number of processes, so a run may be resumed with another number.
 """
+import contextlib
 import copy
 import dataclasses
 import functools
+import hashlib
 import os
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.utils import random_seed
 
+from ._distributed import GlobalBatchSampler, Processes, in_process_group, processes, synced_batchnorm
 from ._files import claims_output, writing
 from ._naming import arg
 from .hub import check_out_dir, write_hub_folder
@@ -94,6 +102,7 @@ class FinetuneResult:
     # a multi-label run's best epoch (else None): mean_auroc, per_label AUROC, thresholds and threshold rule;
     # val_accuracy and val_correct then count the images whose every label is right at those thresholds
     multi_label: Optional[Dict[str, Any]] = None
+    rank: int = 0  # this process's among torchrun's; rank 0 logged and wrote `out_dir`
 
 
 def image_folders(data_dir: Union[str, Path]) -> Tuple[Path, Path, List[str]]:
@@ -147,6 +156,29 @@ def image_dataset(folder: Union[str, Path], transform: Optional[Callable] = None
         raise FileNotFoundError(f'{folder}: {str(e).split(". ")[0]}; put images in every class folder.') from None
 
 
+class _SeededSamples(torch.utils.data.Dataset):
+    """`dataset` whose sample `index` in epoch `epoch` is read with torch's and Python's random generators seeded from
+    (seed, epoch, index), and put back after: its random augmentation is the same whichever process reads it, in
+    whichever batch."""
+
+    def __init__(self, dataset, seed: int, epoch: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        digest = hashlib.blake2b(f'{self.seed}:{self.epoch}:{index}'.encode(), digest_size=8).digest()
+        seed, state = int.from_bytes(digest, 'little'), random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(state)
+
+
 def choose_threads(batch_size: int, input_size: Sequence[int], width: int, threads: Optional[int] = None) -> int:
     """How many CPU threads torch should use for a model `width` features wide on batches of `batch_size` images
     of `input_size` (C, H, W): `threads` if given; torch's own count when OMP_NUM_THREADS sets it; one when
@@ -175,6 +207,16 @@ def _cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def _claims_output_on_rank_0(fn: Callable) -> Callable:
+    """`claims_output('out_dir')` on the process that writes `out_dir`: the only one, or torchrun's rank 0."""
+    claimed = claims_output('out_dir')(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return (claimed if processes().primary else fn)(*args, **kwargs)
+    return wrapper
 
 
 def _restores_threads(fn: Callable) -> Callable:
@@ -271,7 +313,8 @@ def _training_record(
     )
 
 
-@claims_output('out_dir')
+@in_process_group
+@_claims_output_on_rank_0
 @_restores_threads
 def finetune(
         model_name: Optional[str],
@@ -302,6 +345,7 @@ def finetune(
         uncertain: Optional[int] = None,
         in_chans: Optional[int] = None,
         color_jitter: Optional[float] = None,
+        sync_bn: bool = False,
 ) -> FinetuneResult:
     """Fine-tune `model_name` on the image folders `data_dir`/train and `data_dir`/val; write the best epoch
     (highest validation accuracy) as a hub folder `out_dir`.
@@ -317,35 +361,57 @@ def finetune(
     `multi_label`: train a sigmoid per label on the label CSV `labels` (default DIR/labels.csv; `label_names`
     picks and orders the labels, `uncertain` counts CheXpert's -1 as 0 or 1: `multilabel.read_labels`) and write the
     best epoch by mean validation AUROC with a threshold per label. `in_chans`: 1 for grey images (multi-label runs).
+    Started by torchrun (several processes), every process trains its part of each global batch of `batch_size`
+    with DistributedDataParallel, and BatchNorm normalises with the global batch's statistics if `sync_bn`; rank 0
+    alone logs, validates and writes. The result is the same on every process (`rank` tells them apart).
     Returns a `FinetuneResult`; raises ValueError, FileNotFoundError or FileExistsError with a message naming the
     thing and the fix.
     """
     out_dir = Path(out_dir)
     given = dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, img_size=img_size,
                  hflip=hflip, scale=tuple(scale) if scale is not None else None, seed=seed, color_jitter=color_jitter)
-    run, state = _run_settings(out_dir, given, model_name, data_dir, pretrained, weights, resume, force)
+    group = processes()
+    if not group.primary:
+        progress, log = False, _quiet
+    run, state = group.from_primary(functools.partial(
+        _run_settings, out_dir, given, model_name, data_dir, pretrained, weights, resume, force),
+        shared=lambda settings: (settings[0], settings[1] and _without_weights(settings[1])))
     run = _with_labels(run, state, multi_label, labels, label_names, uncertain, in_chans, out_dir)
     train_dir, val_dir, classes = image_folders(run.data_dir) if run.labels is None else _label_splits(run, state)
     if state is not None:
         _check_resumed_classes(state, classes, run.data_dir)
-    training, card_name, data_config = _prepare(run, train_dir, val_dir, classes)
+    training, card_name, data_config = _prepare(run, train_dir, val_dir, classes, group)
     state = _start_state(training, state, out_dir, run, classes, log)
 
     size, recipe = data_config['input_size'], run.recipe
-    torch.set_num_threads(choose_threads(recipe.batch_size, size, _width(training.model), threads))
+    torch.set_num_threads(choose_threads(recipe.batch_size // group.world_size, size, _width(training.model), threads))
     log(f'fine-tuning {run.model_name} from {run.base_description()} on {run.data_dir}: {len(classes)} classes, '
         f'{training.describe(size)}')
     started = time.perf_counter()
-    state = _run_epochs(training, state, out_dir, progress, threads, log)
+    with training.across_processes(sync_bn):
+        state = _run_epochs(training, state, out_dir, progress, threads, log)
     seconds = time.perf_counter() - started
 
-    _write_best(training, state, out_dir, run, card_name, classes, data_config, repo_id, data_name, data_description)
+    def write() -> Dict[str, Any]:  # rank 0 writes; every process returns its state
+        _write_best(training, state, out_dir, run, card_name, classes, data_config, repo_id, data_name,
+                    data_description)
+        return state
+    state = group.from_primary(write, shared=_without_weights)
     best = state['best']
     return FinetuneResult(
         out_dir=out_dir, model_name=run.model_name, classes=classes, train_images=len(training.train_set),
         val_images=len(training.val_set), best_epoch=best['epoch'], val_accuracy=best['accuracy'],
-        val_correct=best['correct'], history=state['history'], seconds=seconds,
+        val_correct=best['correct'], history=state['history'], seconds=seconds, rank=group.rank,
         multi_label=_multilabel_result(best) if run.labels is not None else None)
+
+
+def _quiet(line: str) -> None:
+    """The log of the processes other than rank 0."""
+
+
+def _without_weights(state: Dict[str, Any]) -> Dict[str, Any]:
+    """The run's state less the best epoch's weights: what the processes other than rank 0 are told."""
+    return dict(state, best={k: v for k, v in state['best'].items() if k != 'state_dict'})
 
 
 @dataclass(frozen=True)
@@ -379,7 +445,8 @@ class _Run:
 
 @dataclass
 class _Training:
-    """What the epoch loop works on: the model, the data, timm's AdamW on its per-step cosine schedule, the loss."""
+    """What the epoch loop works on: the model, the data, timm's AdamW on its per-step cosine schedule, the loss, and
+    the processes training together (`network`: the model, or its DistributedDataParallel in `across_processes`)."""
     model: nn.Module
     train_set: Any
     val_set: Any
@@ -389,12 +456,16 @@ class _Training:
     criterion: nn.Module
     steps: int  # optimiser steps per epoch
     drop_last: bool
+    group: Processes
+    batches: GlobalBatchSampler  # this process's part of each global batch
+    network: nn.Module
     multi_label: bool = False  # a sigmoid per label: binary cross-entropy, AUROC picks the best epoch
 
     @classmethod
-    def build(cls, model: nn.Module, train_set, val_set, recipe: Recipe) -> '_Training':
+    def build(cls, model: nn.Module, train_set, val_set, recipe: Recipe, group: Processes) -> '_Training':
         from timm.optim import create_optimizer_v2
         from timm.scheduler import CosineLRScheduler
+        _check_split(recipe, len(train_set), group.world_size)
         optimizer = create_optimizer_v2(model, 'adamw', lr=recipe.lr, weight_decay=recipe.weight_decay)
         drop_last = len(train_set) > recipe.batch_size
         steps = len(train_set) // recipe.batch_size if drop_last else 1
@@ -404,13 +475,38 @@ class _Training:
             optimizer, t_initial=total_steps, lr_min=recipe.lr * 1e-2, warmup_t=warmup,
             warmup_lr_init=recipe.lr * 1e-2, t_in_epochs=False)
         criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
-        return cls(model, train_set, val_set, recipe, optimizer, scheduler, criterion, steps, drop_last)
+        batches = GlobalBatchSampler(len(train_set), recipe.batch_size, group.rank, group.world_size, recipe.seed,
+                                     drop_last)
+        return cls(model, train_set, val_set, recipe, optimizer, scheduler, criterion, steps, drop_last, group,
+                   batches, model)
 
     def describe(self, size: Sequence[int]) -> str:
         """The images and the recipe, for the log."""
-        recipe = self.recipe
+        recipe, world = self.recipe, self.group.world_size
+        split = f' ({recipe.batch_size // world} on each of {world} processes)' if world > 1 else ''
         return (f'{len(self.train_set)} training and {len(self.val_set)} validation images at {size[1]} x {size[2]}; '
-                f'{recipe.epochs} epochs, batch size {recipe.batch_size}, AdamW lr {recipe.lr:g}')
+                f'{recipe.epochs} epochs, batch size {recipe.batch_size}{split}, AdamW lr {recipe.lr:g}')
+
+    @contextlib.contextmanager
+    def across_processes(self, sync_bn: bool) -> Iterator[None]:
+        """Train the model through DistributedDataParallel within the block when there are several processes, its
+        BatchNorm layers normalising with the global batch's statistics if `sync_bn`."""
+        if self.group.world_size == 1:
+            yield
+            return
+        from torch.nn.parallel import DistributedDataParallel
+        device = self.group.device
+        with synced_batchnorm(self.model) if sync_bn else contextlib.nullcontext():
+            self.network = DistributedDataParallel(
+                self.model, device_ids=None if device.type == 'cpu' else [device])
+            try:
+                yield
+            finally:
+                self.network = self.model
+
+    def evaluated(self) -> nn.Module:
+        """The model as `evaluate` runs it: fed from the CPU, its output on the CPU."""
+        return self.model if self.group.device.type == 'cpu' else _OnDevice(self.model, self.group.device)
 
     def save_state(self, state: Dict[str, Any], out_dir: Path) -> None:
         """Save the run's state with the model's and optimiser's as STATE_FILE in `out_dir`, replacing the last."""
@@ -418,28 +514,59 @@ class _Training:
             torch.save(dict(state, model=self.model.state_dict(), optimizer=self.optimizer.state_dict()), tmp)
 
     def train_epoch(self, epoch: int, progress: Optional[bool]) -> float:
-        """Train epoch `epoch` (from 1); the mean training loss."""
+        """Train epoch `epoch` (from 1); the mean training loss (over every process's images)."""
         from tqdm.auto import tqdm
-        recipe = self.recipe
+        recipe, world, device = self.recipe, self.group.world_size, self.group.device
         random_seed(recipe.seed + epoch)  # the same batches and augmentations whether resumed or not
+        self.batches.set_epoch(epoch)
         loader = torch.utils.data.DataLoader(
-            self.train_set, batch_size=recipe.batch_size, shuffle=True, drop_last=self.drop_last,
-            generator=torch.Generator().manual_seed(recipe.seed + epoch))
-        self.model.train()
+            _SeededSamples(self.train_set, recipe.seed, epoch), batch_sampler=self.batches)
+        global_batch = recipe.batch_size if self.drop_last else len(self.train_set)
+        self.network.train()
         loss_sum, seen = 0.0, 0
         bar = tqdm(loader, desc=f'epoch {epoch}/{recipe.epochs}', leave=False, disable=_disable(progress),
                    unit='batch')
         for step, (images, targets) in enumerate(bar):
             self.scheduler.step_update(num_updates=(epoch - 1) * self.steps + step)
-            loss = self.criterion(self.model(images), targets)
+            images, targets = images.to(device), targets.to(device)
+            loss = self.criterion(self.network(images), targets)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # DDP averages the processes' gradients: weighted so, the global batch's mean loss (1 with one process)
+            (loss * (len(targets) * world / global_batch)).backward()
             self.optimizer.step()
             loss_sum += loss.item() * len(targets)
             seen += len(targets)
             bar.set_postfix(loss=f'{loss_sum / seen:.4f}')
         bar.close()
+        loss_sum, seen = self.group.sum([loss_sum, seen])
         return loss_sum / seen
+
+
+class _OnDevice(nn.Module):
+    """`module` on a GPU, taking and giving CPU tensors (what `evaluate` feeds it); other attributes are its."""
+
+    def __init__(self, module: nn.Module, device: torch.device):
+        super().__init__()
+        self.module, self.device = module, device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x.to(self.device)).cpu()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+def _check_split(recipe: Recipe, train_n: int, world_size: int) -> None:
+    """Refuse a global batch that the processes cannot split evenly, or fewer images than processes."""
+    if recipe.batch_size % world_size:
+        raise ValueError(
+            f'{arg("batch_size", recipe.batch_size)}: the global batch does not split evenly between {world_size} '
+            f'processes; give a multiple of the number of processes (torchrun --nproc_per_node x --nnodes).')
+    if train_n < world_size:
+        raise ValueError(f'{train_n} training images for {world_size} processes: start fewer processes than images.')
 
 
 def _run_settings(
@@ -480,52 +607,62 @@ def _check_resumed_classes(state: Dict[str, Any], classes: List[str], data_dir: 
             f'give the folder it was started on as {arg("data_dir", "DIR")}, or start again with {arg("force")}.')
 
 
-def _prepare(run: _Run, train_dir: Path, val_dir: Path, classes: List[str]) -> Tuple[_Training, str, Dict[str, Any]]:
-    """The model with a classifier for `classes`, the data and the optimiser (`_Training`); the registered name the
-    card describes; the data config of the transforms."""
+def _prepare(run: _Run, train_dir: Path, val_dir: Path, classes: List[str],
+             group: Processes) -> Tuple[_Training, str, Dict[str, Any]]:
+    """The model with a classifier for `classes` on this process's device, the data and the optimiser (`_Training`);
+    the registered name the card describes; the data config of the transforms."""
     random_seed(run.recipe.seed)
     model = load_model(run.model_name, pretrained=run.pretrained, weights=run.weights, require_weights=False,
                        in_chans=run.in_chans)
     card_name = model_card_name(model)
     model.reset_classifier(len(classes))
     if run.labels is not None:
-        training, data_config = _multilabel_training(model, run, train_dir, val_dir)
+        model.to(group.device)
+        training, data_config = _multilabel_training(model, run, train_dir, val_dir, group)
         return training, card_name, data_config
     train_set, val_set, data_config = _datasets(train_dir, val_dir, model, run.recipe)
     if len(train_set) == 0 or len(val_set) == 0:
         raise ValueError(f'{run.data_dir}: train/ or val/ holds no images; put images in every class folder.')
-    return _Training.build(model, train_set, val_set, run.recipe), card_name, data_config
+    model.to(group.device)
+    return _Training.build(model, train_set, val_set, run.recipe, group), card_name, data_config
 
 
 def _start_state(training: _Training, state: Optional[Dict[str, Any]], out_dir: Path, run: _Run,
                  classes: List[str], log: Callable[[str], None]) -> Dict[str, Any]:
-    """The resumed run's state, loaded into the model and optimiser; or a new run's, saved before its first epoch."""
+    """The resumed run's state, loaded into the model and optimiser; or a new run's, saved (by rank 0) before its
+    first epoch."""
     if state is not None:
         training.model.load_state_dict(state['model'])
         training.optimizer.load_state_dict(state['optimizer'])
         log(f'resuming {out_dir} after epoch {state["epoch"]} of {run.recipe.epochs}')
         return state
-    out_dir.mkdir(parents=True, exist_ok=True)
     state = dict(format=_STATE_FORMAT, run=run.saved(), recipe=dataclasses.asdict(run.recipe), classes=classes,
                  epoch=0, history=[], best=dict(epoch=0, accuracy=-1.0, correct=0, state_dict=None))
-    training.save_state(state, out_dir)
+    if training.group.primary:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        training.save_state(state, out_dir)
     return state
 
 
 def _run_epochs(training: _Training, state: Dict[str, Any], out_dir: Path, progress: Optional[bool],
                 threads: Optional[int], log: Callable[[str], None]) -> Dict[str, Any]:
-    """Train the epochs after the state's last, validating each and saving the state after it; the final state,
-    whose `best` holds the weights of the epoch with the highest validation accuracy."""
+    """Train the epochs after the state's last, validating each and saving the state after it (rank 0, while the
+    other processes wait); the final state, whose `best` holds the weights of the epoch with the highest validation
+    accuracy (rank 0's: the others keep the state they started with)."""
     recipe, model = training.recipe, training.model
     history, best = list(state['history']), dict(state['best'])
     for epoch in range(state['epoch'] + 1, recipe.epochs + 1):
         epoch_start = time.perf_counter()
         train_loss = training.train_epoch(epoch, progress)
+        if not training.group.primary:
+            training.group.barrier()
+            continue
         if training.multi_label:  # the highest mean AUROC is the best epoch
             state = _multilabel_epoch(training, state, epoch, train_loss, epoch_start, progress, log)
             training.save_state(state, out_dir)
+            training.group.barrier()
             continue
-        correct, total = evaluate(model, training.val_set, progress=progress, threads=threads)
+        correct, total = evaluate(training.evaluated(), training.val_set, progress=progress, threads=threads)
         accuracy = correct / total
         is_best = accuracy > best['accuracy']
         if is_best:
@@ -537,6 +674,7 @@ def _run_epochs(training: _Training, state: Dict[str, Any], out_dir: Path, progr
             f'({correct}/{total})  {history[-1]["seconds"]:5.1f} s{"  best" if is_best else ""}')
         state = dict(state, epoch=epoch, history=history, best=best)
         training.save_state(state, out_dir)
+        training.group.barrier()
     return state
 
 
@@ -544,7 +682,7 @@ def _write_best(training: _Training, state: Dict[str, Any], out_dir: Path, run: 
                 classes: List[str], data_config: Dict[str, Any], repo_id: Optional[str], data_name: Optional[str],
                 data_description: Optional[str]) -> None:
     """Write the best epoch's weights as the hub folder `out_dir`, its card recording the data, recipe and accuracy."""
-    model, best, base = training.model, state['best'], run.base_description()
+    model, best, base = training.model.cpu(), state['best'], run.base_description()
     model.load_state_dict(best['state_dict'])
     model.eval()
     data_text = data_description or (
@@ -638,8 +776,8 @@ def _label_splits(run: _Run, state: Optional[Dict[str, Any]]) -> Tuple[LabelTabl
     return train, val, names
 
 
-def _multilabel_training(model: nn.Module, run: _Run, train: LabelTable,
-                         val: LabelTable) -> Tuple[_Training, Dict[str, Any]]:
+def _multilabel_training(model: nn.Module, run: _Run, train: LabelTable, val: LabelTable,
+                         group: Processes) -> Tuple[_Training, Dict[str, Any]]:
     """The training of a sigmoid per label (binary cross-entropy) on the label tables' images, and the data config
     of its transforms (one mean and std for a 1-channel model)."""
     import timm
@@ -654,7 +792,7 @@ def _multilabel_training(model: nn.Module, run: _Run, train: LabelTable,
     val_tf = timm.data.create_transform(**data_config)
     mode = input_img_mode(data_config)
     training = _Training.build(model, MultiLabelDataset(run.data_dir, train, train_tf, mode),
-                               MultiLabelDataset(run.data_dir, val, val_tf, mode), recipe)
+                               MultiLabelDataset(run.data_dir, val, val_tf, mode), recipe, group)
     training.criterion, training.multi_label = nn.BCEWithLogitsLoss(), True
     return training, data_config
 
@@ -664,7 +802,7 @@ def _multilabel_epoch(training: _Training, state: Dict[str, Any], epoch: int, tr
     """Validate epoch `epoch` of a multi-label run (`multilabel.evaluate_multilabel`) and log it; the state after it,
     whose `best` is the epoch of the highest mean AUROC (its weights, per-label AUROC and thresholds)."""
     model = training.model
-    measured = evaluate_multilabel(model, training.val_set, progress=progress)
+    measured = evaluate_multilabel(training.evaluated(), training.val_set, progress=progress)
     best, accuracy = dict(state['best']), measured['correct'] / measured['total']
     is_best = measured['mean'] > best.get('mean_auroc', -1.0)
     if is_best:
