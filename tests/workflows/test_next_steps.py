@@ -179,7 +179,10 @@ def test_every_cli_line_in_the_readme_parses():
         block = block.replace('\\\n', ' ')
         lines += [line.split('#', 1)[0].strip() for line in block.splitlines()
                   if line.strip().startswith('timm-densenet-ext ')]
-    assert len(lines) >= 10
+        # torchrun ... -m timm_densenet_ext ARGS: the tool's part
+        lines += ['timm-densenet-ext ' + line.split(' -m timm_densenet_ext ', 1)[1].split('#', 1)[0].strip()
+                  for line in block.splitlines() if line.strip().startswith('torchrun ')]
+    assert len(lines) >= 10 and sum(' --sync-bn' in line for line in lines) >= 2
     parser = build_parser()
     for line in lines:
         try:
