@@ -31,8 +31,8 @@ class ClassResult:
     and how many of them were classified as it.
 
     For a multi-label model, one label: `images` evaluated, `correct` of them decided right at its `threshold` (the
-    model's), and `positives` having it; its AUROC (None when the data has only one class of it), the threshold the
-    data picks (`picked_threshold`), and precision, recall and F1 at `threshold`."""
+    model's), and `positives` having it; its AUROC and the threshold the data picks (`picked_threshold`), both None
+    when the data has only one class of it; and precision, recall and F1 at `threshold`."""
     index: int
     name: str
     images: int
@@ -295,7 +295,8 @@ def score_multilabel(
                                                                zero_division=0)
     per_label = [ClassResult(
         j, str(name), n, int((decided[:, j] == t[:, j]).sum()), positives=int(t[:, j].sum()),
-        auroc=aurocs['per_label'][name], threshold=float(thresholds[j]), picked_threshold=picked[j],
+        auroc=aurocs['per_label'][name], threshold=float(thresholds[j]),
+        picked_threshold=None if aurocs['per_label'][name] is None else picked[j],  # one class only: nothing to pick
         precision=float(precision[j]), recall=float(recall[j]), f1=float(f1[j])) for j, name in enumerate(names)]
     return ValidateResult(
         model=model, classes=[str(name) for name in names], images=n, evaluated=n,

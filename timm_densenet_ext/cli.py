@@ -303,7 +303,8 @@ def _print_multilabel_validation(model: str, result, skipped: str) -> int:
           f'{"positives":>9}  {"precision":>9}  {"recall":>7}  {"F1":>7}')
     for c in result.per_class:
         auroc = '-' if c.auroc is None else f'{c.auroc:.4f}'
-        print(f'{c.name:<{width}}  {auroc:>7}  {c.threshold:>9.4f}  {c.picked_threshold:>11.4f}  {c.positives:>9}  '
+        picked = '-' if c.picked_threshold is None else f'{c.picked_threshold:.4f}'
+        print(f'{c.name:<{width}}  {auroc:>7}  {c.threshold:>9.4f}  {picked:>11}  {c.positives:>9}  '
               f'{c.precision:>9.4f}  {c.recall:>7.4f}  {c.f1:>7.4f}')
     if result.auroc_note:
         print(result.auroc_note)

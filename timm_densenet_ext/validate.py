@@ -270,7 +270,8 @@ def validate(
     A multi-label hub folder is measured on the images of the label CSV `labels` (default DIR/labels.csv; its
     val/ rows when it has train/ and val/ ones; `uncertain`: what CheXpert's -1 counts as, see
     `multilabel.read_labels`): per-label AUROC, their mean, and the thresholds its rule picks on these images,
-    which `write_thresholds` stores in its config.json (and its card, when unedited).
+    which `write_thresholds` stores in its config.json (and its card, when unedited); a label the images hold only
+    one class of has neither AUROC nor a picked threshold, and keeps its own.
 
     `output`: a folder to write results.json and confusion.png (roc.png for a multi-label model) into (existing
     files are replaced only with `force`). `progress`: a bar on stderr (None: when it is a terminal). Returns a
@@ -378,7 +379,7 @@ def _validate_multilabel(model_name: str, config: Dict[str, Any], data_dir: Unio
                                                       model_name)
             result = dataclasses.replace(result, files=_write_outputs(result, output, force, predictions))
     if folder is not None:
-        picked = [c.picked_threshold for c in result.per_class]
+        picked = [c.threshold if c.picked_threshold is None else c.picked_threshold for c in result.per_class]
         result = dataclasses.replace(result, files=result.files + update_folder_config(
             folder, config_entries(picked, rule)))
     return result
@@ -448,8 +449,8 @@ def _prepare_multilabel(model: nn.Module, data_dir: Path, table: LabelTable, img
     import timm
     config = _data_config(model, img_size)
     dataset = MultiLabelDataset(data_dir, table, timm.data.create_transform(**config), input_img_mode(config))
-    split = table.files[0].split('/')[0] if all(f.startswith('val/') for f in table.files) else ''
-    return _Data(_ReadOrError(dataset), _SkipUnreadable(), None, data_dir / split, config)
+    folder = data_dir / 'val' if all(f.startswith('val/') for f in table.files) else data_dir
+    return _Data(_ReadOrError(dataset), _SkipUnreadable(), None, folder, config)
 
 
 def _measure_multilabel(model: nn.Module, data: _Data, thresholds: List[float], rule: str, batch_size: int,

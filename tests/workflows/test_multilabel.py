@@ -580,3 +580,24 @@ def test_bad_multilabel_validate_input_is_one_line_exit_code_2_and_writes_nothin
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and re.search(message, err.split(': error: ', 1)[-1]), (argv, err)
         assert (snapshot(tmp_path), snapshot(grey_run.out)) == before, argv  # nothing written
+
+
+def test_a_label_the_data_holds_one_class_of_has_no_auroc_and_keeps_its_threshold(grey_run, tmp_path):
+    from sklearn.metrics import roc_auc_score
+    folder, data = tmp_path / 'model', tmp_path / 'data'
+    shutil.copytree(grey_run.out, folder)
+    write_shapes_multilabel(data, 1, 4, size=32, seed=1)
+    (data / 'labels.csv').write_text('file,labels\ntrain/00000.png,bar\nval/00000.png,bar\nval/00001.png,bar|square\n'
+                                     'val/00002.png,disk\nval/00003.png,square\n')  # no ring in val/
+    stored = json.loads((folder / 'config.json').read_text())['label_thresholds']
+    result = timm_densenet_ext.validate(f'local-dir:{folder}', data, write_thresholds=True, progress=False)
+    ring = result.per_class[SHAPES.index('ring')]
+    assert (ring.auroc, ring.picked_threshold, ring.positives) == (None, None, 0)
+    assert result.auroc_note.startswith('AUROC undefined for ring: ')
+    table = read_labels(data / 'labels.csv', data, label_names=SHAPES).split('val')
+    p, t = sigmoid_outputs(folder, data, table.files), table.matrix()
+    defined = [j for j in range(4) if j != SHAPES.index('ring')]
+    assert result.mean_auroc == pytest.approx(np.mean([roc_auc_score(t[:, j], p[:, j]) for j in defined]), abs=1e-6)
+    written = json.loads((folder / 'config.json').read_text())['label_thresholds']
+    assert written[SHAPES.index('ring')] == stored[SHAPES.index('ring')]
+    assert [written[j] for j in defined] == [result.per_class[j].picked_threshold for j in defined]
