@@ -4,6 +4,10 @@ its report) and `finetune` (the validation accuracy of each epoch, and so the ep
 `evaluate_model` runs the model over a labelled dataset and `score` turns what it predicted into a `ValidateResult`:
 top-1 and top-5 accuracy, the mean cross-entropy, per-class accuracy and the confusion matrix (scikit-learn's
 `confusion_matrix`). The targets are the model's class indices.
+
+A multi-label model (a sigmoid per label): `predict_probabilities` keeps each image's probabilities and
+`score_multilabel` gives per-label AUROC and their mean (`multilabel.auroc_per_label`), the thresholds the data
+would pick (`multilabel.pick_thresholds`), and precision, recall and F1 at the model's own thresholds (scikit-learn).
 """
 import time
 from dataclasses import dataclass, field
@@ -14,7 +18,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-__all__ = ['ClassResult', 'ValidateResult', 'Predictions', 'evaluate_model', 'predict_dataset', 'score']
+__all__ = ['ClassResult', 'ValidateResult', 'Predictions', 'evaluate_model', 'predict_dataset', 'score',
+           'Probabilities', 'predict_probabilities', 'score_multilabel']
 
 OTHER = '(other classes)'  # the confusion matrix's column for predictions of classes the data does not hold
 TOP5_MIN_CLASSES = 6  # top-5 accuracy says something only with more than 5 classes
@@ -23,11 +28,22 @@ TOP5_MIN_CLASSES = 6  # top-5 accuracy says something only with more than 5 clas
 @dataclass(frozen=True)
 class ClassResult:
     """One class of the data: its index among the model's classes, its name, how many of its images were evaluated
-    and how many of them were classified as it. (Multi-label results, issue 15, add their per-label fields here.)"""
+    and how many of them were classified as it.
+
+    For a multi-label model, one label: `images` evaluated, `correct` of them decided right at its `threshold` (the
+    model's), and `positives` having it; its AUROC and the threshold the data picks (`picked_threshold`), both None
+    when the data has only one class of it; and precision, recall and F1 at `threshold`."""
     index: int
     name: str
     images: int
     correct: int
+    positives: Optional[int] = None
+    auroc: Optional[float] = None
+    threshold: Optional[float] = None
+    picked_threshold: Optional[float] = None
+    precision: Optional[float] = None
+    recall: Optional[float] = None
+    f1: Optional[float] = None
 
     @property
     def accuracy(self) -> float:
@@ -42,8 +58,11 @@ class ValidateResult:
     `images` image files were found, `evaluated` of them classified; the others are `unreadable` (one line each:
     the file and what is wrong). `confusion[i][j]` counts images of `classes[i]` classified as `predicted[j]`:
     the same classes in the same order, then `OTHER` when some were classified as a class the data does not hold.
-    `task` is 'single-label': one class per image, a softmax over the classes. A multi-label model (issue 15) fills
-    its own fields (per-label AUROC in `per_class`, their mean) and leaves top-1, top-5 and the confusion matrix None.
+    `task` is 'single-label': one class per image, a softmax over the classes; or 'multi-label': a sigmoid per
+    label, `classes` the labels, `per_class` a record per label (its AUROC, thresholds, precision, recall, F1),
+    `mean_auroc` the mean over the labels that have one (`auroc_note` names the others), `correct` the images whose
+    every label is right at the model's thresholds, `loss` the mean binary cross-entropy, `threshold_rule` the rule
+    `picked_threshold` follows; top-1, top-5 and the confusion matrix are None.
     """
     model: str
     classes: List[str]
@@ -66,6 +85,9 @@ class ValidateResult:
     unreadable: List[str] = field(default_factory=list)
     files: List[Path] = field(default_factory=list)
     task: str = 'single-label'
+    mean_auroc: Optional[float] = None
+    auroc_note: Optional[str] = None
+    threshold_rule: Optional[str] = None
 
     @property
     def top1_err(self) -> Optional[float]:
@@ -88,6 +110,8 @@ class ValidateResult:
         top5_err, param_count in millions, img_size, crop_pct, interpolation), then this tool's."""
         def rounded(x: Optional[float]) -> Optional[float]:
             return None if x is None else round(x, 4)
+        if self.task == 'multi-label':
+            return self._multilabel_json(rounded)
         return dict(
             model=self.model, top1=rounded(self.top1), top1_err=rounded(self.top1_err), top5=rounded(self.top5),
             top5_err=rounded(self.top5_err), param_count=round(self.param_count / 1e6, 2), img_size=self.img_size,
@@ -100,6 +124,24 @@ class ValidateResult:
                             accuracy=round(c.accuracy, 4)) for c in self.per_class],
             confusion=None if self.confusion is None else dict(
                 true=list(self.classes), predicted=list(self.predicted), counts=self.confusion.tolist()),
+        )
+
+    def _multilabel_json(self, rounded: Callable[[Optional[float]], Optional[float]]) -> Dict[str, Any]:
+        """results.json of a multi-label model: timm's fields (top-1 and top-5 None), then its per-label records."""
+        def exact(x: Optional[float]) -> Optional[float]:  # a threshold as config.json holds it
+            return None if x is None else float(x)
+        return dict(
+            model=self.model, top1=None, top1_err=None, top5=None, top5_err=None,
+            param_count=round(self.param_count / 1e6, 2), img_size=self.img_size, crop_pct=self.crop_pct,
+            interpolation=self.interpolation, task=self.task, mean_auroc=rounded(self.mean_auroc),
+            auroc_note=self.auroc_note, threshold_rule=self.threshold_rule, loss=rounded(self.loss),
+            data_dir=str(self.data_dir) if self.data_dir else None, images=self.images, evaluated=self.evaluated,
+            unreadable=list(self.unreadable), correct=self.correct, seconds=round(self.seconds, 3),
+            images_per_second=round(self.images_per_second, 2), classes=list(self.classes),
+            per_class=[dict(index=c.index, name=c.name, auroc=rounded(c.auroc), threshold=exact(c.threshold),
+                            picked_threshold=exact(c.picked_threshold), positives=c.positives, images=c.images,
+                            correct=c.correct, accuracy=round(c.accuracy, 4), precision=rounded(c.precision),
+                            recall=rounded(c.recall), f1=rounded(c.f1)) for c in self.per_class],
         )
 
 
@@ -190,3 +232,76 @@ def evaluate_model(
     names = list(names) if names is not None else [f'class {i}' for i in range(model.num_classes)]
     return score(predictions, names, labels=labels, model=model_name,
                  param_count=sum(p.numel() for p in model.parameters()), num_classes=model.num_classes)
+
+
+# ---- multi-label models: a sigmoid per label
+
+@dataclass(frozen=True)
+class Probabilities:
+    """A multi-label model's sigmoid probabilities for the evaluated images and their 0/1 targets, both (images,
+    labels); the summed binary cross-entropy, the seconds it took, and the size of its input images (C, H, W)."""
+    probabilities: torch.Tensor
+    targets: torch.Tensor
+    loss_sum: float
+    seconds: float
+    input_size: Tuple[int, ...] = ()
+
+
+def predict_probabilities(
+        model: nn.Module, loader: Any, *, progress: Optional[bool] = None, desc: str = 'validate',
+        threads_for: Optional[Callable[[torch.Size], int]] = None,
+) -> Probabilities:
+    """Run `model` (put in eval mode) over a loader of (images, (images, labels) 0/1 targets) batches, keeping each
+    image's sigmoid probabilities; an empty batch (every image of it unreadable) is passed over. `threads_for`: as
+    `predict_dataset` takes it."""
+    from tqdm.auto import tqdm
+    model.eval()
+    probabilities, targets, loss_sum, shape = [], [], 0.0, ()
+    started = time.perf_counter()
+    with torch.no_grad():
+        for images, batch_targets in tqdm(loader, desc=desc, leave=False, unit='batch',
+                                          disable=None if progress is None else not progress):
+            if len(batch_targets) == 0:
+                continue
+            if not targets and threads_for is not None:
+                torch.set_num_threads(threads_for(images.shape))
+            logits, batch_targets = model(images).float(), batch_targets.float()
+            loss_sum += nn.functional.binary_cross_entropy_with_logits(logits, batch_targets, reduction='sum').item()
+            probabilities.append(logits.sigmoid())
+            targets.append(batch_targets)
+            shape = tuple(images.shape[1:])
+    seconds = time.perf_counter() - started
+    k = model.num_classes
+    if not targets:
+        return Probabilities(torch.zeros(0, k), torch.zeros(0, k), 0.0, seconds)
+    return Probabilities(torch.cat(probabilities), torch.cat(targets), loss_sum, seconds, shape)
+
+
+def score_multilabel(
+        predictions: Probabilities, names: Sequence[str], thresholds: Sequence[float], *, rule: str = 'f1',
+        model: str = '', param_count: int = 0,
+) -> ValidateResult:
+    """The multi-label `ValidateResult` of `predictions` of a model with labels `names` and its own `thresholds`:
+    per-label AUROC and their mean, the thresholds `rule` picks on these images, and precision, recall and F1 at
+    `thresholds` (scikit-learn's `precision_recall_fscore_support`, 0 where nothing is predicted or present)."""
+    from sklearn.metrics import precision_recall_fscore_support
+    from .multilabel import auroc_per_label, pick_thresholds
+    p, t = predictions.probabilities.double().numpy(), predictions.targets.numpy().astype(np.int64)
+    n = len(t)
+    decided = (p >= np.asarray(thresholds, dtype=np.float64)).astype(np.int64)
+    aurocs = auroc_per_label(p, t, names)
+    picked = pick_thresholds(p, t, rule)
+    precision, recall, f1, _ = precision_recall_fscore_support(t, decided, average=None, labels=range(len(names)),
+                                                               zero_division=0)
+    per_label = [ClassResult(
+        j, str(name), n, int((decided[:, j] == t[:, j]).sum()), positives=int(t[:, j].sum()),
+        auroc=aurocs['per_label'][name], threshold=float(thresholds[j]),
+        picked_threshold=None if aurocs['per_label'][name] is None else picked[j],  # one class only: nothing to pick
+        precision=float(precision[j]), recall=float(recall[j]), f1=float(f1[j])) for j, name in enumerate(names)]
+    return ValidateResult(
+        model=model, classes=[str(name) for name in names], images=n, evaluated=n,
+        correct=int((decided == t).all(axis=1).sum()), top1=None, top5=None, top5_correct=None,
+        loss=predictions.loss_sum / t.size if n else None, per_class=per_label, confusion=None, predicted=[],
+        seconds=predictions.seconds, param_count=param_count,
+        img_size=predictions.input_size[-1] if predictions.input_size else None, task='multi-label',
+        mean_auroc=aurocs['mean'], auroc_note=aurocs['note'], threshold_rule=rule)

@@ -252,19 +252,32 @@ def _validate_arguments(p: argparse.ArgumentParser) -> None:
     _add_weights(p, 'measure')
     _option(p, 'batch_size', 'images per forward pass (default 64)', default=64)
     _option(p, 'img_size', "measure at this input size (default: the model's)")
-    _add_output(p, 'a folder to write results.json and confusion.png into', required=False)
-    _option(p, 'force', 'replace results.json and confusion.png in --output')
+    _add_output(p, 'a folder to write results.json and confusion.png (roc.png for a multi-label model) into',
+                required=False)
+    _option(p, 'force', 'replace results.json and confusion.png (roc.png) in --output')
     _option(p, 'threads')
+    group = p.add_argument_group('multi-label models (a hub folder from finetune --multi-label)')
+    group.add_argument('--labels', metavar='CSV', help="a row per image: 'file,labels' with a|b, or a 0/1 column per "
+                                                       'label; its val/ rows if it has train/ and val/ ones (default '
+                                                       'DIR/labels.csv)')
+    group.add_argument('--uncertain', type=int, choices=(0, 1), help='what a -1 (uncertain, as in CheXpert) counts as '
+                                                                     '(default: refused)')
+    group.add_argument('--write-thresholds', action='store_true',
+                       help="store the thresholds picked on these images in the hub folder's config.json (and its "
+                            'card, when unedited), where predict reads them')
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from .validate import validate
     result = validate(args.model, args.data_dir, pretrained=args.pretrained, weights=args.checkpoint,
                       batch_size=args.batch_size, img_size=args.img_size, output=args.output, force=args.force,
-                      threads=args.threads)
+                      threads=args.threads, labels=args.labels, uncertain=args.uncertain,
+                      write_thresholds=args.write_thresholds)
     for line in result.unreadable:
         print(f'timm-densenet-ext validate: skipped: {line}', file=sys.stderr)
     skipped = f', {len(result.unreadable)} unreadable skipped' if result.unreadable else ''
+    if result.task == 'multi-label':
+        return _print_multilabel_validation(args.model, result, skipped)
     print(f'{args.model} on {result.data_dir}: {result.evaluated} of {result.images} images{skipped}, '
           f'{len(result.classes)} classes, {result.img_size} px')
     top5 = f'  top-5 {result.top5:.2f}% ({result.top5_correct}/{result.evaluated})' if result.top5 is not None else ''
@@ -273,6 +286,30 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     worst = ', '.join(f'{c.name} {c.accuracy:.1f}% ({c.correct}/{c.images})' for c in result.worst(5)
                       if c.correct < c.images)
     print(f'worst classes: {worst or "none, every image right"}')
+    for path in result.files:
+        print(f'wrote {path}')
+    return 0
+
+
+def _print_multilabel_validation(model: str, result, skipped: str) -> int:
+    """validate's summary of a multi-label model: the mean AUROC, then each label's AUROC and thresholds."""
+    print(f'{model} on {result.data_dir}: {result.evaluated} of {result.images} images{skipped}, '
+          f'{len(result.classes)} labels, {result.img_size} px')
+    mean = 'undefined' if result.mean_auroc is None else f'{result.mean_auroc:.4f}'
+    print(f'mean AUROC {mean}  every label right {result.correct}/{result.evaluated}  loss {result.loss:.4f}  '
+          f'{result.images_per_second:.1f} images/s')
+    width = max(len('label'), *(len(c.name) for c in result.per_class))
+    print(f'{"label":<{width}}  {"AUROC":>7}  {"threshold":>9}  {"picked (" + result.threshold_rule + ")":>11}  '
+          f'{"positives":>9}  {"precision":>9}  {"recall":>7}  {"F1":>7}')
+    for c in result.per_class:
+        auroc = '-' if c.auroc is None else f'{c.auroc:.4f}'
+        picked = '-' if c.picked_threshold is None else f'{c.picked_threshold:.4f}'
+        print(f'{c.name:<{width}}  {auroc:>7}  {c.threshold:>9.4f}  {picked:>11}  {c.positives:>9}  '
+              f'{c.precision:>9.4f}  {c.recall:>7.4f}  {c.f1:>7.4f}')
+    if result.auroc_note:
+        print(result.auroc_note)
+    print('precision, recall and F1 at each label\'s threshold (config.json\'s); picked: the threshold of the '
+          f'highest {"F1" if result.threshold_rule == "f1" else "Youden J"} on these images')
     for path in result.files:
         print(f'wrote {path}')
     return 0

@@ -3,6 +3,7 @@
 A folder is written the way timm's own `save_for_hf` writes one, so `timm.create_model('local-dir:DIR')` and, once
 pushed, `timm.create_model('hf-hub:ORG/NAME', pretrained=True)` load it. Uploads go through huggingface_hub's HfApi.
 """
+import contextlib
 import hashlib
 import json
 import re
@@ -12,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 
-from ._files import claim, writing_folder
+from ._files import claim, writing, writing_folder
 from ._naming import arg
 from .checkpoints import model_from_checkpoint, read_checkpoint
 from .loading import registered_name
@@ -20,7 +21,7 @@ from .models import resolve_model_name
 from .predict import imagenet_label_config
 
 __all__ = ['convert_checkpoint', 'write_hub_folder', 'check_out_dir', 'validate_folder', 'load_code', 'upload_files',
-           'folder_card', 'push_folder', 'PushResult', 'PushError']
+           'folder_card', 'update_folder_config', 'push_folder', 'PushResult', 'PushError']
 
 WEIGHTS_FILE = 'model.safetensors'
 CONFIG_FILE = 'config.json'
@@ -287,6 +288,31 @@ def folder_card(
     """
     data, source = _folder_card_bytes(Path(folder), repo_id, config)
     return data.decode('utf-8', errors='replace'), source
+
+
+def update_folder_config(folder: Union[str, Path], entries: Dict[str, Any]) -> List[Path]:
+    """Set `entries` at the top level of the hub folder's config.json (beside `label_names`; timm ignores them), and
+    render its card again from the new config when it is the card convert or finetune wrote, unedited, so that both
+    say the same; a card edited since, or written by hand, is left as it is. Each file is written whole under a
+    temporary name, then renamed. Returns the files rewritten, config.json first."""
+    folder = Path(folder)
+    with claim(folder.absolute()):
+        config = _read_config(folder)
+        inputs, card_path = _recorded_inputs(config), folder / CARD_FILE
+        unedited = (inputs is not None and card_path.is_file()
+                    and inputs.get('card_sha256') == _sha256(card_path.read_bytes()))
+        config.update(entries)
+        card = None
+        if unedited:
+            repo_id = inputs.get('repo_id') or f'{PLACEHOLDER_ORG}/{folder.absolute().name}'
+            card = _render_folder_card(config, inputs, repo_id).encode('utf-8')
+            config[CARD_INPUTS_KEY] = dict(inputs, card_sha256=_sha256(card))
+        with writing(card_path, force=True) if card else contextlib.nullcontext() as card_tmp:
+            with writing(folder / CONFIG_FILE, force=True) as tmp:
+                tmp.write_text(json.dumps(config, indent=2))  # as write_hub_folder writes it
+            if card:
+                card_tmp.write_bytes(card)
+    return [folder / CONFIG_FILE] + ([card_path] if card else [])
 
 
 def _folder_card_bytes(folder: Path, repo_id: str, config: Optional[Dict[str, Any]]) -> Tuple[bytes, str]:

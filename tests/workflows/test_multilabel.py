@@ -455,3 +455,149 @@ def test_a_hub_folder_card_measures_its_own_input_not_the_tags_test_size():
     assert '**Multi-label:** 4 labels (bar, disk, ring, square)' in text
     rgb = render_model_card('densenet121', repo_id='me/rgb', pretrained_cfg=dict(num_classes=3))
     assert "convert('RGB')" in rgb and 'Multi-label' not in rgb and 'top5_probabilities' in rgb
+
+
+# ---- validate on a multi-label hub folder: per-label AUROC, thresholds picked on the data, stored on request
+
+def sigmoid_outputs(folder: Path, data: Path, files):
+    """The model's own sigmoid probabilities for image files under `data`, computed apart from validate: timm's
+    model and transform, each image read in grey, one forward."""
+    model = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+    with torch.no_grad():
+        return model(torch.stack([transform(Image.open(data / f).convert('L')) for f in files])).sigmoid().numpy()
+
+
+def test_validate_reports_scikit_learn_s_per_label_auroc_and_picks_thresholds(grey_run, tmp_path, capsys):
+    from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
+    out = tmp_path / 'results'
+    argv = ['validate', '-m', f'local-dir:{grey_run.out}', '--data-dir', str(grey_run.data), '--output', str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    result = timm_densenet_ext.validate(f'local-dir:{grey_run.out}', grey_run.data, progress=False)
+    table = read_labels(grey_run.data / 'labels.csv', grey_run.data).split('val')
+    p, t = sigmoid_outputs(grey_run.out, grey_run.data, table.files), table.matrix()
+    aurocs = [roc_auc_score(t[:, j], p[:, j]) for j in range(len(SHAPES))]
+    assert result.task == 'multi-label' and result.classes == list(SHAPES) and result.evaluated == len(t) == 200
+    assert [c.auroc for c in result.per_class] == pytest.approx(aurocs, abs=1e-6)
+    assert result.mean_auroc == pytest.approx(np.mean(aurocs), abs=1e-6) and result.mean_auroc >= 0.95
+    print(f'validate on the val/ rows: mean AUROC {result.mean_auroc:.4f}')
+    stored = json.loads((grey_run.out / 'config.json').read_text())['label_thresholds']
+    assert [c.threshold for c in result.per_class] == stored
+    assert [c.picked_threshold for c in result.per_class] == pytest.approx(pick_thresholds(p, t, 'f1'), abs=1e-6)
+    precision, recall, f1, _ = precision_recall_fscore_support(t, p >= np.array(stored), average=None)
+    measured = np.array([(c.precision, c.recall, c.f1) for c in result.per_class])
+    assert measured == pytest.approx(np.stack([precision, recall, f1], axis=1), abs=1e-6)
+    assert [c.positives for c in result.per_class] == t.sum(axis=0).tolist()
+    assert result.top1 is None and result.confusion is None and result.data_dir == grey_run.data / 'val'
+
+    saved = json.loads((out / 'results.json').read_text())
+    assert saved['task'] == 'multi-label' and saved['mean_auroc'] == round(result.mean_auroc, 4)
+    assert saved['top1'] is None and saved['img_size'] == 32 and saved['evaluated'] == 200
+    for record, c in zip(saved['per_class'], result.per_class):
+        assert {k: record[k] for k in ('name', 'auroc', 'threshold', 'picked_threshold', 'positives', 'precision',
+                                       'recall', 'f1')} == dict(
+            name=c.name, auroc=round(c.auroc, 4), threshold=c.threshold, picked_threshold=c.picked_threshold,
+            positives=c.positives, precision=round(c.precision, 4), recall=round(c.recall, 4), f1=round(c.f1, 4))
+    with Image.open(out / 'roc.png') as picture:
+        assert picture.format == 'PNG' and picture.width >= 400 and np.asarray(picture.convert('L')).std() > 20
+    assert sorted(p.name for p in out.iterdir()) == ['results.json', 'roc.png']
+    assert f'mean AUROC {result.mean_auroc:.4f}  every label right {result.correct}/200' in printed
+    for c in result.per_class:
+        assert re.search(rf'^{c.name} +{c.auroc:.4f} +{c.threshold:.4f} +{c.picked_threshold:.4f} ', printed, re.M)
+    assert f'wrote {out / "roc.png"}' in printed
+
+
+def test_write_thresholds_stores_the_picked_ones_where_predict_reads_them(grey_run, tmp_path, capsys):
+    """Thresholds picked on other images (one of them unreadable: skipped and counted) replace config.json's, the
+    unedited card says the same, and predict then decides with them."""
+    folder = tmp_path / 'model'
+    shutil.copytree(grey_run.out, folder)
+    other = tmp_path / 'other'
+    write_shapes_multilabel(other, 1, 60, size=32, seed=7, form='columns')
+    (other / 'val' / '00000.png').write_bytes(b'not a png')
+    before = json.loads((folder / 'config.json').read_text())
+    assert main(['validate', '-m', f'local-dir:{folder}', '--data-dir', str(other), '--write-thresholds']) == 0
+    out, err = capsys.readouterr()
+    assert 'on ' + str(other / 'val') + ': 59 of 60 images, 1 unreadable skipped' in out
+    assert len(err.splitlines()) == 1 and 'skipped: ' in err and '00000.png' in err
+    table = read_labels(other / 'labels.csv', other).split('val')
+    p = sigmoid_outputs(folder, other, table.files[1:])
+    picked = pick_thresholds(p, table.matrix()[1:], 'f1')
+    config = json.loads((folder / 'config.json').read_text())
+    assert config['label_thresholds'] == pytest.approx(picked, abs=1e-6) and config['threshold_rule'] == 'f1'
+    assert config['label_thresholds'] != before['label_thresholds']
+    assert {k: v for k, v in config.items() if k not in ('label_thresholds', 'timm_densenet_ext_card')} == {
+        k: v for k, v in before.items() if k not in ('label_thresholds', 'timm_densenet_ext_card')}
+    assert f'wrote {folder / "config.json"}' in out and f'wrote {folder / "README.md"}' in out
+    card = (folder / 'README.md').read_text()
+    assert f'thresholds = {[round(x, 4) for x in config["label_thresholds"]]}' in card
+    assert sorted(p.name for p in folder.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    assert thresholds_from_config(config, 4) == config['label_thresholds']
+
+    images = [other / table.files[i] for i in range(1, 4)]
+    assert main(['predict', '-m', f'local-dir:{folder}', *map(str, images)]) == 0
+    expected = []
+    for path, probabilities in zip(images, sigmoid_outputs(folder, other, table.files[1:4])):
+        found = findings(probabilities.tolist(), config['label_thresholds'], SHAPES)
+        expected += [str(path)] + [f'  {100 * q:6.2f}%  {name}' for name, q in found] + (
+            [] if found else ['  no label at or above its threshold'])
+    assert capsys.readouterr().out.splitlines() == expected
+    # measured again, the folder's thresholds are those the data picks
+    again = timm_densenet_ext.validate(f'local-dir:{folder}', other, progress=False)
+    assert [c.threshold for c in again.per_class] == [c.picked_threshold for c in again.per_class]
+
+
+def test_bad_multilabel_validate_input_is_one_line_exit_code_2_and_writes_nothing(grey_run, tmp_path, capsys):
+    model = ['-m', f'local-dir:{grey_run.out}']
+    data = tmp_path / 'data'
+    write_shapes_multilabel(data, 1, 4, size=32, seed=1)
+    rows = (data / 'labels.csv').read_text().splitlines()
+    csvs = {name: tmp_path / f'{name}.csv' for name in ('unknown', 'columns', 'missing', 'no-row')}
+    csvs['unknown'].write_text('\n'.join(rows[:-1] + [rows[-1].split(',')[0] + ',bar|lump']) + '\n')
+    csvs['columns'].write_text('file,bar,disk,ring\n' + ''.join(f'{r.split(",")[0]},0,1,0\n' for r in rows[1:]))
+    csvs['missing'].write_text('\n'.join(rows + ['val/00009.png,bar']) + '\n')
+    csvs['no-row'].write_text('\n'.join(rows[:-1]) + '\n')
+    single = f'local-dir:{tiny_hub_folder(tmp_path / "single", ["x", "y"])}'
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    validate = ['validate', '--data-dir', str(data), '--output', str(tmp_path / 'out')]
+    cases = [
+        (['validate', *model, '--data-dir', str(empty)], r'empty/labels\.csv: no such file; local-dir:.* is '
+                                                          r'multi-label: give --labels CSV, a row per image'),
+        (validate + model + ['--labels', str(csvs['unknown'])], r"names label 'lump', which the model does not know; "
+                                                               r'give a CSV of its labels \(bar, disk, ring, square\)'),
+        (validate + model + ['--labels', str(csvs['columns'])], r"has no column for the model's label 'square'; give"),
+        (validate + model + ['--labels', str(csvs['missing'])], r'names val/00009\.png, which is not in .*; add the '),
+        (validate + model + ['--labels', str(csvs['no-row'])], r'holds val/00003\.png without a row in .*no-row\.csv'),
+        (validate + ['-m', single, '--write-thresholds'], r'^--write-thresholds: is for multi-label models .*: leave '
+                                                         r'it out\.$'),
+        (validate + ['-m', single, '--labels', str(csvs['columns'])], r'^--labels \.\.\.: is for multi-label models'),
+    ]
+    before = snapshot(tmp_path), snapshot(grey_run.out)
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and re.search(message, err.split(': error: ', 1)[-1]), (argv, err)
+        assert (snapshot(tmp_path), snapshot(grey_run.out)) == before, argv  # nothing written
+
+
+def test_a_label_the_data_holds_one_class_of_has_no_auroc_and_keeps_its_threshold(grey_run, tmp_path):
+    from sklearn.metrics import roc_auc_score
+    folder, data = tmp_path / 'model', tmp_path / 'data'
+    shutil.copytree(grey_run.out, folder)
+    write_shapes_multilabel(data, 1, 4, size=32, seed=1)
+    (data / 'labels.csv').write_text('file,labels\ntrain/00000.png,bar\nval/00000.png,bar\nval/00001.png,bar|square\n'
+                                     'val/00002.png,disk\nval/00003.png,square\n')  # no ring in val/
+    stored = json.loads((folder / 'config.json').read_text())['label_thresholds']
+    result = timm_densenet_ext.validate(f'local-dir:{folder}', data, write_thresholds=True, progress=False)
+    ring = result.per_class[SHAPES.index('ring')]
+    assert (ring.auroc, ring.picked_threshold, ring.positives) == (None, None, 0)
+    assert result.auroc_note.startswith('AUROC undefined for ring: ')
+    table = read_labels(data / 'labels.csv', data, label_names=SHAPES).split('val')
+    p, t = sigmoid_outputs(folder, data, table.files), table.matrix()
+    defined = [j for j in range(4) if j != SHAPES.index('ring')]
+    assert result.mean_auroc == pytest.approx(np.mean([roc_auc_score(t[:, j], p[:, j]) for j in defined]), abs=1e-6)
+    written = json.loads((folder / 'config.json').read_text())['label_thresholds']
+    assert written[SHAPES.index('ring')] == stored[SHAPES.index('ring')]
+    assert [written[j] for j in defined] == [result.per_class[j].picked_threshold for j in defined]
