@@ -55,7 +55,7 @@ def test_quick_start_is_two_commands_and_the_second_is_ci_s():
     ci = (ROOT / '.ci' / 'run').read_text()
     assert ci.rstrip().splitlines()[-1] in tests and "-e '.[test]'" in ci
     assert tests == ("python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && HF_HUB_OFFLINE=1 "
-                     ".venv/bin/python -m pytest -q")
+                     ".venv/bin/python -m pytest -q -n auto")
 
 
 @pytest.mark.skipif(tomllib is None, reason='tomllib is Python 3.11+; the extras are the same on every version')
