@@ -12,7 +12,7 @@ would pick (`multilabel.pick_thresholds`), and precision, recall and F1 at the m
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -163,26 +163,39 @@ def predict_dataset(
     """Run `model` (put in eval mode) over a loader of (images, targets) batches; an empty batch (every image of it
     unreadable) is passed over. Keeps the top five classes of each image, not the logits, so memory stays small.
     `threads_for`: torch's CPU threads for the first batch's shape, set before it runs."""
-    from tqdm.auto import tqdm
-    model.eval()
     k = min(5, model.num_classes)
-    targets, tops, loss_sum = [], [], 0.0
+    targets, tops, loss_sum, shape = [], [], 0.0, ()
     started = time.perf_counter()
-    with torch.no_grad():
-        for images, batch_targets in tqdm(loader, desc=desc, leave=False, unit='batch',
-                                          disable=None if progress is None else not progress):
-            if len(batch_targets) == 0:
-                continue
-            if not targets and threads_for is not None:
-                torch.set_num_threads(threads_for(images.shape))
-            logits = model(images)
-            loss_sum += nn.functional.cross_entropy(logits.float(), batch_targets, reduction='sum').item()
-            tops.append(logits.topk(k, dim=1).indices)
-            targets.append(batch_targets)
+    for images, logits, batch_targets in _outputs(model, loader, progress, desc, threads_for):
+        loss_sum += nn.functional.cross_entropy(logits.float(), batch_targets, reduction='sum').item()
+        tops.append(logits.topk(k, dim=1).indices)
+        targets.append(batch_targets)
+        shape = tuple(images.shape[1:])
     seconds = time.perf_counter() - started
     if not targets:
         return Predictions(torch.zeros(0, dtype=torch.long), torch.zeros(0, k, dtype=torch.long), 0.0, seconds)
-    return Predictions(torch.cat(targets), torch.cat(tops), loss_sum, seconds, tuple(images.shape[1:]))
+    return Predictions(torch.cat(targets), torch.cat(tops), loss_sum, seconds, shape)
+
+
+def _outputs(
+        model: nn.Module, loader: Any, progress: Optional[bool], desc: str,
+        threads_for: Optional[Callable[[torch.Size], int]],
+) -> Iterator[Tuple[torch.Tensor, torch.Tensor, Any]]:
+    """(images, logits, targets) of each batch of `loader` but the empty ones (every image unreadable), `model` in
+    eval mode without gradients, behind a progress bar on a terminal; torch's threads set by `threads_for` before the
+    first batch runs."""
+    from tqdm.auto import tqdm
+    model.eval()
+    first = True
+    with torch.no_grad():
+        for images, targets in tqdm(loader, desc=desc, leave=False, unit='batch',
+                                    disable=None if progress is None else not progress):
+            if len(targets) == 0:
+                continue
+            if first and threads_for is not None:
+                torch.set_num_threads(threads_for(images.shape))
+            first = False
+            yield images, model(images), targets
 
 
 def score(
@@ -254,22 +267,14 @@ def predict_probabilities(
     """Run `model` (put in eval mode) over a loader of (images, (images, labels) 0/1 targets) batches, keeping each
     image's sigmoid probabilities; an empty batch (every image of it unreadable) is passed over. `threads_for`: as
     `predict_dataset` takes it."""
-    from tqdm.auto import tqdm
-    model.eval()
     probabilities, targets, loss_sum, shape = [], [], 0.0, ()
     started = time.perf_counter()
-    with torch.no_grad():
-        for images, batch_targets in tqdm(loader, desc=desc, leave=False, unit='batch',
-                                          disable=None if progress is None else not progress):
-            if len(batch_targets) == 0:
-                continue
-            if not targets and threads_for is not None:
-                torch.set_num_threads(threads_for(images.shape))
-            logits, batch_targets = model(images).float(), batch_targets.float()
-            loss_sum += nn.functional.binary_cross_entropy_with_logits(logits, batch_targets, reduction='sum').item()
-            probabilities.append(logits.sigmoid())
-            targets.append(batch_targets)
-            shape = tuple(images.shape[1:])
+    for images, logits, batch_targets in _outputs(model, loader, progress, desc, threads_for):
+        logits, batch_targets = logits.float(), batch_targets.float()
+        loss_sum += nn.functional.binary_cross_entropy_with_logits(logits, batch_targets, reduction='sum').item()
+        probabilities.append(logits.sigmoid())
+        targets.append(batch_targets)
+        shape = tuple(images.shape[1:])
     seconds = time.perf_counter() - started
     k = model.num_classes
     if not targets:

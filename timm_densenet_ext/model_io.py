@@ -2,11 +2,13 @@
 from its pretrained config) and its class names (a hub folder's `label_names`, or ImageNet's from timm's
 `ImageNetInfo`). Shared by the workflows that feed a model images (`predict`, `explain`, `export`, ...); `predict`
 re-exports them."""
-from typing import Any, Dict, List
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
 
 import torch.nn as nn
 
-__all__ = ['imagenet_label_config', 'class_names', 'preprocessing']
+__all__ = ['imagenet_label_config', 'class_names', 'preprocessing', 'folder_config']
 
 
 def imagenet_label_config(model: nn.Module) -> Dict[str, Any]:
@@ -41,3 +43,17 @@ def preprocessing(model: nn.Module):
     (for crop_pct 0.875, bicubic, 224 px: resize the shorter side to 256, center-crop 224, normalize)."""
     import timm
     return timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+
+
+def folder_config(model_name: str) -> Optional[Dict[str, Any]]:
+    """The config.json of the hub folder ('local-dir:DIR') or Hub repository ('hf-hub:ORG/NAME[@REVISION]')
+    `model_name` names, read from the folder or the Hub's cache; None for a registered variant."""
+    if model_name.startswith('local-dir:'):
+        path = Path(model_name[len('local-dir:'):]) / 'config.json'
+    elif model_name.startswith('hf-hub:'):
+        from huggingface_hub import hf_hub_download
+        repo, _, revision = model_name[len('hf-hub:'):].partition('@')
+        path = Path(hf_hub_download(repo, 'config.json', revision=revision or None))
+    else:
+        return None
+    return json.loads(path.read_text(encoding='utf-8'))

@@ -4,7 +4,6 @@ multi-label hub folder (config.json's `label_thresholds`), every label whose sig
 threshold; and, when asked, each image's class activation map as a PNG overlay (`explain`). A 1-channel model reads
 images in grey ('L')."""
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -15,7 +14,7 @@ import torch.nn as nn
 from ._naming import arg
 from .images import UnreadableImage, read_image
 from .loading import load_model
-from .model_io import class_names, imagenet_label_config, preprocessing
+from .model_io import class_names, folder_config, imagenet_label_config, preprocessing
 from .multilabel import findings, input_img_mode, thresholds_from_config
 
 __all__ = ['Prediction', 'imagenet_label_config', 'class_names', 'preprocessing', 'classify', 'classify_multilabel',
@@ -118,15 +117,8 @@ def classify_multilabel(
 def folder_thresholds(model_name: str, model: nn.Module) -> Optional[List[float]]:
     """The per-label thresholds in the config.json of the hub folder or Hub repository `model_name` names (a
     multi-label model's), else None."""
-    if model_name.startswith('local-dir:'):
-        path = Path(model_name[len('local-dir:'):]) / 'config.json'
-    elif model_name.startswith('hf-hub:'):
-        from huggingface_hub import hf_hub_download
-        repo, _, revision = model_name[len('hf-hub:'):].partition('@')
-        path = Path(hf_hub_download(repo, 'config.json', revision=revision or None))
-    else:
-        return None
-    return thresholds_from_config(json.loads(path.read_text(encoding='utf-8')), model.num_classes)
+    config = folder_config(model_name)
+    return None if config is None else thresholds_from_config(config, model.num_classes)
 
 
 def predict(

@@ -39,7 +39,7 @@ from .loading import load_model
 from .multilabel import (
     LABEL_COLUMN_NAMES, LABELS_FILE, PROBLEM_TYPE, LabelTable, MultiLabelDataset, config_entries, input_img_mode,
     read_labels, thresholds_from_config)
-from .predict import class_names, imagenet_label_config
+from .model_io import class_names, folder_config, imagenet_label_config
 
 __all__ = ['ValidateResult', 'ClassResult', 'validate', 'validate_model', 'class_indices', 'confusion_figure',
            'roc_figure', 'RESULTS_FILE', 'CONFUSION_FILE', 'ROC_FILE']
@@ -329,15 +329,7 @@ def _folder_config(model_name: str) -> Optional[Dict[str, Any]]:
     """The config.json of the hub folder or Hub repository `model_name` names; None for a variant, and for one that
     cannot be read (`load_model` then says what is wrong)."""
     try:
-        if model_name.startswith('local-dir:'):
-            path = Path(model_name[len('local-dir:'):]) / 'config.json'
-        elif model_name.startswith('hf-hub:'):
-            from huggingface_hub import hf_hub_download
-            repo, _, revision = model_name[len('hf-hub:'):].partition('@')
-            path = Path(hf_hub_download(repo, 'config.json', revision=revision or None))
-        else:
-            return None
-        config = json.loads(path.read_text(encoding='utf-8'))
+        config = folder_config(model_name)
     except Exception:  # missing, unreachable or not JSON: not ours to report here
         return None
     return config if isinstance(config, dict) else None
