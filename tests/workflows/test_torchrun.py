@@ -3,6 +3,7 @@ one process reaches with the same global batch, only rank 0 logs and writes, and
 resumes on one to where an uninterrupted run ends."""
 import contextlib
 import io
+import json
 import os
 import socket
 import subprocess
@@ -221,3 +222,25 @@ def test_sync_batchnorm_keeps_timm_s_activation_and_puts_the_layers_back():
             timm.create_model(TINY_ARCH, num_classes=3, **TINY_ARGS)).eval()
         torch_converted.load_state_dict(model.state_dict())
         assert not torch.allclose(torch_converted(x), expected, atol=1e-3)  # why timm's conversion, not torch's
+
+
+def test_a_multi_label_grey_run_on_two_processes_reaches_one_process_s(tmp_path):
+    """Multi-label (a sigmoid per label, thresholds picked by rank 0) with 1-channel input: the same across process
+    counts as a single-label run; the thresholds written are the same too."""
+    from timm_densenet_ext.multilabel import write_shapes_multilabel
+    data = tmp_path / 'shapes'
+    write_shapes_multilabel(data, 24, 8, size=16, seed=0)
+    base = tiny_hub_folder(tmp_path / 'base', ['x', 'y'])
+    argv = ['finetune', '--model', f'local-dir:{base}', '--data-dir', str(data), '--multi-label', '--in-chans', '1',
+            '--color-jitter', '0', *RECIPE]
+    single = _main([*argv, '--output', str(tmp_path / 'one')])
+    assert single.code == 0, single.stdout
+    two = torchrun(['-m', 'timm_densenet_ext', *argv, '--sync-bn', '--output', str(tmp_path / 'two')])
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert 'mean validation AUROC' in two.stdout and two.stdout.count('wrote ') == 1
+    largest = _assert_close(_weights(tmp_path / 'one'), _weights(tmp_path / 'two'))
+    print(f'multi-label, 2 processes vs 1: largest difference {largest:.2g}')
+    configs = [json.loads((tmp_path / name / 'config.json').read_text()) for name in ('one', 'two')]
+    assert configs[0]['problem_type'] == configs[1]['problem_type'] == 'multi_label_classification'
+    assert configs[0]['label_thresholds'] == pytest.approx(configs[1]['label_thresholds'], abs=1e-4)
+    assert configs[1]['pretrained_cfg']['input_size'][0] == 1  # grey input, on every process
