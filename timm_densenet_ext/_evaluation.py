@@ -5,9 +5,8 @@ its report) and `finetune` (the validation accuracy of each epoch, and so the ep
 top-1 and top-5 accuracy, the mean cross-entropy, per-class accuracy and the confusion matrix (scikit-learn's
 `confusion_matrix`). The targets are the model's class indices.
 
-A multi-label model (a sigmoid per label): `predict_probabilities` keeps each image's probabilities and
-`score_multilabel` gives per-label AUROC and their mean (`multilabel.auroc_per_label`), the thresholds the data
-would pick (`multilabel.pick_thresholds`), and precision, recall and F1 at the model's own thresholds (scikit-learn).
+A multi-label model (a sigmoid per label): `predict_probabilities` keeps each image's probabilities, which
+`multilabel.score_multilabel` (validate) and `multilabel.evaluate_multilabel` (finetune) measure.
 """
 import time
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ['ClassResult', 'ValidateResult', 'Predictions', 'evaluate_model', 'predict_dataset', 'score',
-           'Probabilities', 'predict_probabilities', 'score_multilabel']
+           'Probabilities', 'predict_probabilities']
 
 OTHER = '(other classes)'  # the confusion matrix's column for predictions of classes the data does not hold
 TOP5_MIN_CLASSES = 6  # top-5 accuracy says something only with more than 5 classes
@@ -280,33 +279,3 @@ def predict_probabilities(
     if not targets:
         return Probabilities(torch.zeros(0, k), torch.zeros(0, k), 0.0, seconds)
     return Probabilities(torch.cat(probabilities), torch.cat(targets), loss_sum, seconds, shape)
-
-
-def score_multilabel(
-        predictions: Probabilities, names: Sequence[str], thresholds: Sequence[float], *, rule: str = 'f1',
-        model: str = '', param_count: int = 0,
-) -> ValidateResult:
-    """The multi-label `ValidateResult` of `predictions` of a model with labels `names` and its own `thresholds`:
-    per-label AUROC and their mean, the thresholds `rule` picks on these images, and precision, recall and F1 at
-    `thresholds` (scikit-learn's `precision_recall_fscore_support`, 0 where nothing is predicted or present)."""
-    from sklearn.metrics import precision_recall_fscore_support
-    from .multilabel import auroc_per_label, pick_thresholds
-    p, t = predictions.probabilities.double().numpy(), predictions.targets.numpy().astype(np.int64)
-    n = len(t)
-    decided = (p >= np.asarray(thresholds, dtype=np.float64)).astype(np.int64)
-    aurocs = auroc_per_label(p, t, names)
-    picked = pick_thresholds(p, t, rule)
-    precision, recall, f1, _ = precision_recall_fscore_support(t, decided, average=None, labels=range(len(names)),
-                                                               zero_division=0)
-    per_label = [ClassResult(
-        j, str(name), n, int((decided[:, j] == t[:, j]).sum()), positives=int(t[:, j].sum()),
-        auroc=aurocs['per_label'][name], threshold=float(thresholds[j]),
-        picked_threshold=None if aurocs['per_label'][name] is None else picked[j],  # one class only: nothing to pick
-        precision=float(precision[j]), recall=float(recall[j]), f1=float(f1[j])) for j, name in enumerate(names)]
-    return ValidateResult(
-        model=model, classes=[str(name) for name in names], images=n, evaluated=n,
-        correct=int((decided == t).all(axis=1).sum()), top1=None, top5=None, top5_correct=None,
-        loss=predictions.loss_sum / t.size if n else None, per_class=per_label, confusion=None, predicted=[],
-        seconds=predictions.seconds, param_count=param_count,
-        img_size=predictions.input_size[-1] if predictions.input_size else None, task='multi-label',
-        mean_auroc=aurocs['mean'], auroc_note=aurocs['note'], threshold_rule=rule)

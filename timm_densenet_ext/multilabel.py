@@ -19,7 +19,8 @@ threshold per finding.
 - `auroc_per_label` and `pick_thresholds`: scikit-learn's `roc_auc_score` and `precision_recall_curve` / `roc_curve`
   per label; `findings`: the labels at or above their threshold.
 - `evaluate_multilabel`: a model's sigmoid probabilities over a `MultiLabelDataset`, their per-label AUROC, the
-  thresholds picked on them and the images whose every label they get right (finetune's per-epoch measure).
+  thresholds picked on them and the images whose every label they get right (finetune's per-epoch measure);
+  `score_multilabel`: the same probabilities (`_evaluation.predict_probabilities`) as validate's `ValidateResult`.
 - `write_shapes_multilabel`: generated grayscale images with four independent findings, for tests and demos.
 """
 import csv
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ._evaluation import ClassResult, Probabilities, ValidateResult, predict_probabilities
 from ._files import writing
 from ._naming import arg
 from .images import read_image
@@ -41,7 +43,7 @@ from .images import read_image
 __all__ = ['LabelTable', 'LABELS_FILE', 'LABEL_COLUMN_NAMES', 'FORMS', 'SHAPES', 'THRESHOLD_RULES', 'read_labels',
            'write_labels', 'MultiLabelDataset', 'input_img_mode', 'grayscale_data_config', 'auroc_per_label',
            'pick_thresholds', 'findings', 'PROBLEM_TYPE', 'config_entries', 'thresholds_from_config',
-           'evaluate_multilabel', 'write_shapes_multilabel']
+           'evaluate_multilabel', 'score_multilabel', 'write_shapes_multilabel']
 
 LABELS_FILE = 'labels.csv'
 FORMS = ('pipe', 'columns')
@@ -398,24 +400,47 @@ def evaluate_multilabel(
     """`model`'s (put in eval mode) sigmoid probabilities over `dataset` ((image, 0/1 target per label) pairs: a
     `MultiLabelDataset`), measured: `auroc_per_label`'s per_label, mean, undefined and note; `thresholds`
     (`pick_thresholds` with `rule`, on these probabilities); `correct`, the images whose every label is right at
-    those thresholds, of `total`; and the `probabilities` and `targets` as (images, labels) tensors."""
-    from tqdm.auto import tqdm
+    those thresholds, of `total`; and the `probabilities` and `targets` as (images, labels) tensors. The
+    probabilities come from the loop `validate` measures with (`_evaluation.predict_probabilities`)."""
     names = getattr(getattr(dataset, 'table', None), 'names', None) or [f'label {i}' for i in range(model.num_classes)]
-    model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)  # no workers: small work
-    probabilities, targets = [], []
-    with torch.no_grad():
-        for images, target in tqdm(loader, desc='validate', leave=False, unit='batch',
-                                   disable=None if progress is None else not progress):
-            probabilities.append(model(images).float().sigmoid())
-            targets.append(target.float())
-    probabilities, targets = torch.cat(probabilities), torch.cat(targets)
+    predicted = predict_probabilities(model, loader, progress=progress)
+    probabilities, targets = predicted.probabilities, predicted.targets
     report = auroc_per_label(probabilities, targets, names)
     thresholds = pick_thresholds(probabilities, targets, rule)
     decided = probabilities >= torch.tensor(thresholds, dtype=probabilities.dtype)
     correct = int((decided == targets.bool()).all(dim=1).sum())
     return dict(report, thresholds=thresholds, rule=rule, correct=correct, total=len(targets),
                 probabilities=probabilities, targets=targets)
+
+
+def score_multilabel(
+        predictions: Probabilities, names: Sequence[str], thresholds: Sequence[float], *, rule: str = 'f1',
+        model: str = '', param_count: int = 0,
+) -> ValidateResult:
+    """The multi-label `ValidateResult` of `predictions` of a model with labels `names` and its own `thresholds`:
+    per-label AUROC and their mean, the thresholds `rule` picks on these images, and precision, recall and F1 at
+    `thresholds` (scikit-learn's `precision_recall_fscore_support`, 0 where nothing is predicted or present)."""
+    from sklearn.metrics import precision_recall_fscore_support
+    p, t = predictions.probabilities.double().numpy(), predictions.targets.numpy().astype(np.int64)
+    n = len(t)
+    decided = (p >= np.asarray(thresholds, dtype=np.float64)).astype(np.int64)
+    aurocs = auroc_per_label(p, t, names)
+    picked = pick_thresholds(p, t, rule)
+    precision, recall, f1, _ = precision_recall_fscore_support(t, decided, average=None, labels=range(len(names)),
+                                                               zero_division=0)
+    per_label = [ClassResult(
+        j, str(name), n, int((decided[:, j] == t[:, j]).sum()), positives=int(t[:, j].sum()),
+        auroc=aurocs['per_label'][name], threshold=float(thresholds[j]),
+        picked_threshold=None if aurocs['per_label'][name] is None else picked[j],  # one class only: nothing to pick
+        precision=float(precision[j]), recall=float(recall[j]), f1=float(f1[j])) for j, name in enumerate(names)]
+    return ValidateResult(
+        model=model, classes=[str(name) for name in names], images=n, evaluated=n,
+        correct=int((decided == t).all(axis=1).sum()), top1=None, top5=None, top5_correct=None,
+        loss=predictions.loss_sum / t.size if n else None, per_class=per_label, confusion=None, predicted=[],
+        seconds=predictions.seconds, param_count=param_count,
+        img_size=predictions.input_size[-1] if predictions.input_size else None, task='multi-label',
+        mean_auroc=aurocs['mean'], auroc_note=aurocs['note'], threshold_rule=rule)
 
 
 def _shape_mask(shape: str, size: int, cx: float, cy: float, vertical: bool) -> np.ndarray:

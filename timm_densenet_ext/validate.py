@@ -28,8 +28,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ._evaluation import (
-    ClassResult, Probabilities, ValidateResult, evaluate_model, predict_probabilities, score_multilabel)
+from ._evaluation import ClassResult, Probabilities, ValidateResult, evaluate_model, predict_probabilities
 from ._files import claim, writing
 from ._naming import arg
 from .finetune import choose_threads
@@ -38,7 +37,7 @@ from .images import UnreadableImage, read_image
 from .loading import load_model
 from .multilabel import (
     LABEL_COLUMN_NAMES, LABELS_FILE, PROBLEM_TYPE, LabelTable, MultiLabelDataset, config_entries, input_img_mode,
-    read_labels, thresholds_from_config)
+    read_labels, score_multilabel, thresholds_from_config)
 from .model_io import class_names, folder_config, imagenet_label_config
 
 __all__ = ['ValidateResult', 'ClassResult', 'validate', 'validate_model', 'class_indices', 'confusion_figure',
