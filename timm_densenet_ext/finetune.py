@@ -45,8 +45,8 @@ from .multilabel import (
     LABELS_FILE, LabelTable, MultiLabelDataset, config_entries, evaluate_multilabel, grayscale_data_config,
     input_img_mode, read_labels)
 
-__all__ = ['Recipe', 'FinetuneResult', 'STATE_FILE', 'image_folders', 'image_dataset', 'choose_threads', 'finetune',
-           'evaluate']
+__all__ = ['Recipe', 'FinetuneResult', 'STATE_FILE', 'image_folders', 'image_dataset', 'choose_threads', 'threads_for',
+           'finetune', 'evaluate']
 
 STATE_FILE = '.finetune-state.pth'
 _STATE_FORMAT = 'timm-densenet-ext finetune state 1'
@@ -201,6 +201,12 @@ def choose_threads(batch_size: int, input_size: Sequence[int], width: int, threa
     return max(1, min(available, round(_cpus() - busy)))
 
 
+def threads_for(model: nn.Module, batch_size: int, threads: Optional[int] = None) -> Callable[[Sequence[int]], int]:
+    """`choose_threads` for `model` on batches of `batch_size`, given a batch's shape (B, C, H, W):
+    how evaluation sets torch's thread count at its first batch."""
+    return lambda shape: choose_threads(batch_size, shape, _width(model), threads)
+
+
 def _cpus() -> int:
     """The CPUs this process may run on (its affinity, as `taskset` or a container sets it)."""
     try:
@@ -241,7 +247,7 @@ def evaluate(
     Measured by the code `validate` reports with (`_evaluation.evaluate_model`)."""
     from ._evaluation import evaluate_model
     result = evaluate_model(model, dataset, batch_size=batch_size, progress=progress,
-                            threads_for=lambda shape: choose_threads(batch_size, shape, _width(model), threads))
+                            threads_for=threads_for(model, batch_size, threads))
     return result.correct, result.evaluated
 
 

@@ -31,7 +31,7 @@ import torch.nn as nn
 from ._evaluation import ClassResult, Probabilities, ValidateResult, evaluate_model, predict_probabilities
 from ._files import claim, writing
 from ._naming import arg
-from .finetune import choose_threads
+from .finetune import threads_for
 from .hub import update_folder_config
 from .images import UnreadableImage, read_image
 from .loading import load_model
@@ -196,7 +196,7 @@ def _measure(model: nn.Module, data: _Data, batch_size: int, progress: Optional[
         result = evaluate_model(
             model, data.dataset, batch_size=batch_size, progress=progress, names=class_names(model),
             labels=data.labels, model_name=model_name, collate_fn=data.collate,
-            threads_for=lambda shape: choose_threads(batch_size, shape, _width(model), threads))
+            threads_for=threads_for(model, batch_size, threads))
     finally:
         torch.set_num_threads(previous)
     unreadable = data.collate.unreadable if data.collate is not None else []
@@ -228,10 +228,6 @@ def validate_model(
         raise ValueError(f'{arg("batch_size", batch_size)}: give 1 or more.')
     model_name = model_name or model.pretrained_cfg.get('architecture') or type(model).__name__
     return _measure(model, _prepare(model, data, img_size), batch_size, progress, threads, model_name)
-
-
-def _width(model: nn.Module) -> int:
-    return int(getattr(model, 'num_features', 0) or 1024)
 
 
 def _check_output(output: Path, force: bool, picture: str = CONFUSION_FILE) -> None:
@@ -452,7 +448,7 @@ def _measure_multilabel(model: nn.Module, data: _Data, thresholds: List[float], 
     try:
         predictions = predict_probabilities(
             model, loader, progress=progress,
-            threads_for=lambda shape: choose_threads(batch_size, shape, _width(model), threads))
+            threads_for=threads_for(model, batch_size, threads))
     finally:
         torch.set_num_threads(previous)
     unreadable = data.collate.unreadable
@@ -523,8 +519,8 @@ def _matplotlib() -> Tuple[type, type]:
         from matplotlib.colors import PowerNorm
         from matplotlib.figure import Figure
     except ImportError:
-        raise ImportError("confusion.png is drawn by matplotlib: pip install 'timm-densenet-ext[validate]', or leave "
-                          f'out {arg("output", "DIR")}.') from None
+        raise ImportError("validate draws its pictures (confusion.png, roc.png) with matplotlib: pip install "
+                          f"'timm-densenet-ext[validate]', or leave out {arg('output', 'DIR')}.") from None
     return PowerNorm, Figure
 
 
