@@ -6,7 +6,7 @@ images in grey ('L')."""
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -48,25 +48,34 @@ def classify(
         raise ValueError(f'{arg("top_k", top_k)}: give 1 or more.')
     if not model.num_classes:
         raise ValueError('the model has no classifier (num_classes=0); give a model that classifies.')
-    transform = preprocessing(model)
-    names = class_names(model)
-    k = min(top_k, model.num_classes)
+    names, k = class_names(model), min(top_k, model.num_classes)
 
+    def top(logits: torch.Tensor) -> List[List[Tuple[int, str, float]]]:
+        values, indices = logits.softmax(dim=1).topk(k, dim=1)
+        return [[(c, names[c], q) for c, q in zip(idx, p)] for p, idx in zip(values.tolist(), indices.tolist())]
+    return _predictions(model, images, batch_size, top)
+
+
+def _predictions(model: nn.Module, images: Sequence[Union[str, Path]], batch_size: int,
+                 top: Callable[[torch.Tensor], List[List[Tuple[int, str, float]]]],
+                 multi_label: bool = False) -> List[Prediction]:
+    """Each image file read in the model's mode with its preprocessing, run through `model` in batches of
+    `batch_size` readable images, and given the `top` its logits make; an unreadable image gets its `error`."""
+    transform, mode = preprocessing(model), _image_mode(model)
     results: List[Optional[Prediction]] = [None] * len(images)
     batch: List[Tuple[int, torch.Tensor]] = []
 
     def run(batch: List[Tuple[int, torch.Tensor]]) -> None:
         with torch.no_grad():
-            probabilities = model(torch.stack([x for _, x in batch])).softmax(dim=1)
-        values, indices = probabilities.topk(k, dim=1)
-        for (i, _), p, idx in zip(batch, values.tolist(), indices.tolist()):
-            results[i] = Prediction(str(images[i]), [(c, names[c], q) for c, q in zip(idx, p)])
+            logits = model(torch.stack([x for _, x in batch]))
+        for (i, _), classes in zip(batch, top(logits)):
+            results[i] = Prediction(str(images[i]), classes, multi_label=multi_label)
 
     for i, path in enumerate(images):
         try:
-            image = read_image(path).convert(_image_mode(model))
+            image = read_image(path).convert(mode)
         except UnreadableImage as e:
-            results[i] = Prediction(str(path), error=str(e))
+            results[i] = Prediction(str(path), error=str(e), multi_label=multi_label)
             continue
         batch.append((i, transform(image)))
         if len(batch) == batch_size:
@@ -93,25 +102,11 @@ def classify_multilabel(
     unreadable image gets its `error` and the others are still classified."""
     if len(thresholds) != model.num_classes:
         raise ValueError(f'{len(thresholds)} thresholds for {model.num_classes} labels: give one per label.')
-    transform, names, mode = preprocessing(model), class_names(model), _image_mode(model)
-    results: List[Prediction] = []
-    for start in range(0, len(images), batch_size):
-        tensors, paths = [], list(images[start:start + batch_size])
-        for path in paths:
-            try:
-                tensors.append(transform(read_image(path).convert(mode)))
-            except UnreadableImage as e:
-                tensors.append(str(e))
-        batch = [x for x in tensors if not isinstance(x, str)]
-        with torch.no_grad():
-            probabilities = iter(model(torch.stack(batch)).sigmoid().tolist() if batch else [])
-        for path, x in zip(paths, tensors):
-            if isinstance(x, str):
-                results.append(Prediction(str(path), error=x, multi_label=True))
-                continue
-            found = findings(next(probabilities), thresholds, names)
-            results.append(Prediction(str(path), [(names.index(n), n, q) for n, q in found], multi_label=True))
-    return results
+    names = class_names(model)
+
+    def found(logits: torch.Tensor) -> List[List[Tuple[int, str, float]]]:
+        return [[(names.index(n), n, q) for n, q in findings(p, thresholds, names)] for p in logits.sigmoid().tolist()]
+    return _predictions(model, images, batch_size, found, multi_label=True)
 
 
 def folder_thresholds(model_name: str, model: nn.Module) -> Optional[List[float]]:
