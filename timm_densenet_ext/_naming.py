@@ -66,6 +66,10 @@ OPTIONS: Dict[str, Tuple[Tuple[str, ...], Dict[str, Any]]] = {
     'force': (('--force',), dict(action='store_true')),
     'json': (('--json',), dict(action='store_true', help='print JSON instead of text')),
     'precision': (('--precision',), dict(choices=('fp32', 'bf16', 'int8'), default='fp32')),  # deploy.PRECISIONS
+    # a multi-label model's label CSV (finetune --multi-label, validate): multilabel.read_labels
+    'labels': (('--labels',), dict(metavar='CSV')),
+    'uncertain': (('--uncertain',), dict(type=int, choices=(0, 1), help=(
+        'what a -1 (uncertain, as in CheXpert) counts as (default: refused)'))),
     # what the user states about the weights, for their card; nothing is assumed
     'base_model': (('--base-model',), dict(metavar='REPO|TAG', help=(
         'the Hub repository (ORG/NAME) or published tag (densenet121.ra_in1k) these weights were fine-tuned from; '

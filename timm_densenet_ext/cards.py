@@ -412,10 +412,10 @@ def _references(cfg: Dict[str, Any], recipe: _Recipe, blur: bool) -> Tuple[List[
 
 def _multi_label(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """A multi-label model's labels and their thresholds (a hub folder's config.json keys), else None."""
-    from .multilabel import PROBLEM_TYPE
+    from .multilabel import PROBLEM_TYPE, THRESHOLD_RULES
     if cfg.get('problem_type') != PROBLEM_TYPE or not cfg.get('label_thresholds'):
         return None
-    rule = {'f1': 'the highest F1', 'youden': "the highest Youden's J"}.get(cfg.get('threshold_rule'))
+    rule = THRESHOLD_RULES.get(cfg.get('threshold_rule'))
     return dict(labels=list(cfg.get('label_names') or []), thresholds=[round(t, 4) for t in cfg['label_thresholds']],
                 rule=rule)
 

@@ -211,11 +211,10 @@ def _finetune_arguments(p: argparse.ArgumentParser) -> None:
     group.add_argument('--multi-label', action='store_true',
                        help='train a sigmoid per label on --labels; the best epoch by mean validation AUROC, with a '
                             'threshold per label in config.json')
-    group.add_argument('--labels', metavar='CSV', help="a row per image of train/ and val/: 'file,labels' with a|b, "
-                                                       'or a 0/1 column per label (default DIR/labels.csv)')
+    _option(group, 'labels', "a row per image of train/ and val/: 'file,labels' with a|b, or a 0/1 column per label "
+                             '(default DIR/labels.csv)')
     group.add_argument('--label-names', metavar='A,B', help="the labels and their order (default: the CSV's)")
-    group.add_argument('--uncertain', type=int, choices=(0, 1), help='what a -1 (uncertain, as in CheXpert) counts as '
-                                                                     '(default: refused)')
+    _option(group, 'uncertain')
     group.add_argument('--in-chans', type=int, choices=(1, 3),
                        help='input channels: 1 for grey images, the first convolution adapted from the weights')
 
@@ -257,11 +256,9 @@ def _validate_arguments(p: argparse.ArgumentParser) -> None:
     _option(p, 'force', 'replace results.json and confusion.png (roc.png) in --output')
     _option(p, 'threads')
     group = p.add_argument_group('multi-label models (a hub folder from finetune --multi-label)')
-    group.add_argument('--labels', metavar='CSV', help="a row per image: 'file,labels' with a|b, or a 0/1 column per "
-                                                       'label; its val/ rows if it has train/ and val/ ones (default '
-                                                       'DIR/labels.csv)')
-    group.add_argument('--uncertain', type=int, choices=(0, 1), help='what a -1 (uncertain, as in CheXpert) counts as '
-                                                                     '(default: refused)')
+    _option(group, 'labels', "a row per image: 'file,labels' with a|b, or a 0/1 column per label; its val/ rows if "
+                             'it has train/ and val/ ones (default DIR/labels.csv)')
+    _option(group, 'uncertain')
     group.add_argument('--write-thresholds', action='store_true',
                        help="store the thresholds picked on these images in the hub folder's config.json (and its "
                             'card, when unedited), where predict reads them')
@@ -308,8 +305,9 @@ def _print_multilabel_validation(model: str, result, skipped: str) -> int:
               f'{c.precision:>9.4f}  {c.recall:>7.4f}  {c.f1:>7.4f}')
     if result.auroc_note:
         print(result.auroc_note)
-    print('precision, recall and F1 at each label\'s threshold (config.json\'s); picked: the threshold of the '
-          f'highest {"F1" if result.threshold_rule == "f1" else "Youden J"} on these images')
+    from .multilabel import THRESHOLD_RULES
+    print('precision, recall and F1 at each label\'s threshold (config.json\'s); picked: the threshold of '
+          f'{THRESHOLD_RULES[result.threshold_rule]} on these images')
     for path in result.files:
         print(f'wrote {path}')
     return 0

@@ -42,8 +42,8 @@ from .hub import check_out_dir, write_hub_folder
 from .images import image_loader
 from .loading import HUB_PREFIXES, load_model, model_card_name, weights_repo_id
 from .multilabel import (
-    LABELS_FILE, LabelTable, MultiLabelDataset, config_entries, evaluate_multilabel, grayscale_data_config,
-    input_img_mode, read_labels)
+    LABELS_FILE, THRESHOLD_RULES, LabelTable, MultiLabelDataset, config_entries, evaluate_multilabel,
+    grayscale_data_config, input_img_mode, read_labels)
 
 __all__ = ['Recipe', 'FinetuneResult', 'STATE_FILE', 'image_folders', 'image_dataset', 'choose_threads', 'threads_for',
            'finetune', 'evaluate']
@@ -835,7 +835,7 @@ def _multilabel_record(record: Dict[str, Any], best: Dict[str, Any], history: Li
                        ) -> Tuple[Dict[str, Any], str, Dict[str, Any], Optional[Dict[str, Any]]]:
     """A multi-label run's card record (its loss, labels with their validation AUROC and threshold, AUROC per
     epoch), the measure its weights source states, config.json's multi-label keys and the data config written."""
-    rule = {'f1': 'the highest F1', 'youden': "the highest Youden's J"}[best['rule']]
+    rule = THRESHOLD_RULES[best['rule']]
     recipe = [line if not line.startswith('cross-entropy') else
               'binary cross-entropy per label (`BCEWithLogitsLoss`: a sigmoid per label)' for line in record['recipe']]
     recipe.append(f'best epoch: the highest mean validation AUROC (scikit-learn `roc_auc_score` per label); a '

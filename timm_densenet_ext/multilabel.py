@@ -51,7 +51,7 @@ FORMS = ('pipe', 'columns')
 LABEL_COLUMN_NAMES = ('labels', 'label', 'findings', 'finding labels')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')  # torchvision's
 SHAPES = ('bar', 'disk', 'ring', 'square')  # the generated findings, in the label order `read_labels` gives them
-THRESHOLD_RULES = ('f1', 'youden')
+THRESHOLD_RULES = {'f1': 'the highest F1', 'youden': "the highest Youden's J"}  # rule: what it picks
 PROBLEM_TYPE = 'multi_label_classification'  # config.json's problem_type, as transformers names it
 _SKLEARN_HINT = 'pip install scikit-learn (a dependency of timm-densenet-ext)'
 
