@@ -180,10 +180,10 @@ def _cam_paths(images: Sequence[Union[str, Path]], cam_dir: Path, force: bool) -
 
 
 def _class_index(model: nn.Module, name: str) -> int:
+    from .explain import _some
     names = class_names(model)
     if name not in names:
-        listed = ', '.join(repr(n) for n in names[:5]) + (f', ... ({len(names)} in all)' if len(names) > 5 else '')
-        raise ValueError(f'{arg("cam_class", repr(name))}: not a class of the model; give one of {listed}.')
+        raise ValueError(f'{arg("cam_class", repr(name))}: not a class of the model; give one of {_some(names)}.')
     return names.index(name)
 
 
