@@ -34,6 +34,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 import torch.nn as nn
+from torchvision.datasets.folder import IMG_EXTENSIONS  # the image files ImageFolder reads
 
 from ._evaluation import ClassResult, Probabilities, ValidateResult, predict_probabilities
 from ._files import writing
@@ -49,11 +50,9 @@ LABELS_FILE = 'labels.csv'
 FORMS = ('pipe', 'columns')
 # headers (lower case) of the one column holding `a|b` labels: the 'pipe' form
 LABEL_COLUMN_NAMES = ('labels', 'label', 'findings', 'finding labels')
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')  # torchvision's
 SHAPES = ('bar', 'disk', 'ring', 'square')  # the generated findings, in the label order `read_labels` gives them
 THRESHOLD_RULES = {'f1': 'the highest F1', 'youden': "the highest Youden's J"}  # rule: what it picks
 PROBLEM_TYPE = 'multi_label_classification'  # config.json's problem_type, as transformers names it
-_SKLEARN_HINT = 'pip install scikit-learn (a dependency of timm-densenet-ext)'
 
 
 @dataclass(frozen=True)
@@ -230,7 +229,7 @@ def _image_files(csv_path: Path, image_dir: Path, rows: List[Tuple[int, List[str
     listed = set(files)
     for folder in sorted({(image_dir / f).parent for f in files} | {image_dir}):
         extra = sorted(p.relative_to(image_dir).as_posix() for p in folder.iterdir()
-                       if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                       if p.suffix.lower() in IMG_EXTENSIONS and p.is_file()
                        and p.relative_to(image_dir).as_posix() not in listed)
         if extra:
             more = f' and {len(extra) - 1} more images' if len(extra) > 1 else ''
@@ -309,19 +308,11 @@ def _arrays(probabilities: Any, targets: Any, names: Sequence[str]) -> Tuple[np.
     return p, t
 
 
-def _sklearn_metrics():
-    try:
-        import sklearn.metrics
-    except ImportError:
-        raise ImportError(f'multi-label metrics need scikit-learn: {_SKLEARN_HINT}.') from None
-    return sklearn.metrics
-
-
 def auroc_per_label(probabilities: Any, targets: Any, names: Sequence[str]) -> Dict[str, Any]:
     """AUROC per label (scikit-learn's `roc_auc_score`) and their mean, from (images, labels) probabilities and 0/1
     targets. A label whose targets hold one class only has no AUROC: None, left out of the mean, and named in the
     note. Returns dict(per_label={name: AUROC or None}, mean=float or None, undefined=[names], note=str or None)."""
-    metrics = _sklearn_metrics()
+    from sklearn import metrics  # a dependency: imported on first use, not with the package
     p, t = _arrays(probabilities, targets, names)
     per_label: Dict[str, Optional[float]] = {}
     for j, name in enumerate(names):
@@ -342,7 +333,7 @@ def pick_thresholds(probabilities: Any, targets: Any, rule: str = 'f1') -> List[
     in the data gets 0.5."""
     if rule not in THRESHOLD_RULES:
         raise ValueError(f'rule={rule}: give one of {", ".join(THRESHOLD_RULES)}.')
-    metrics = _sklearn_metrics()
+    from sklearn import metrics  # a dependency: imported on first use, not with the package
     p, t = _arrays(probabilities, targets, range(np.shape(probabilities)[-1]))
     thresholds = []
     for j in range(p.shape[1]):
