@@ -134,7 +134,7 @@ def _device(model: nn.Module) -> torch.device:
 def _preprocessed(model: nn.Module, image: ImageInput) -> Tuple[torch.Tensor, np.ndarray]:
     """The model's input (1, C, H, W) and the picture it shows (H, W, 3 floats in 0..1, before normalisation)."""
     from .images import read_image
-    from .model_io import preprocessing
+    from .model_io import image_mode, preprocessing
     cfg = getattr(model, 'pretrained_cfg', None)
     if isinstance(image, torch.Tensor):
         x = image if image.dim() == 4 else image.unsqueeze(0)
@@ -145,7 +145,7 @@ def _preprocessed(model: nn.Module, image: ImageInput) -> Tuple[torch.Tensor, np
         if cfg is None:
             raise ValueError(f'{type(model).__name__}: keeps no preprocessing config; give the image as a '
                              f'preprocessed tensor.')
-        picture = image.convert('RGB') if isinstance(image, Image.Image) else read_image(image)
+        picture = (image if isinstance(image, Image.Image) else read_image(image)).convert(image_mode(model))
         transform = preprocessing(model)
         x = transform(picture).unsqueeze(0)
         normalize = transform.transforms[-1]

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional
 
 import torch.nn as nn
 
-__all__ = ['imagenet_label_config', 'class_names', 'preprocessing', 'folder_config']
+__all__ = ['imagenet_label_config', 'class_names', 'preprocessing', 'image_mode', 'folder_config']
 
 
 def imagenet_label_config(model: nn.Module) -> Dict[str, Any]:
@@ -43,6 +43,12 @@ def preprocessing(model: nn.Module):
     (for crop_pct 0.875, bicubic, 224 px: resize the shorter side to 256, center-crop 224, normalize)."""
     import timm
     return timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+
+
+def image_mode(model: nn.Module) -> str:
+    """The PIL mode the model's images are read in before `preprocessing`: 'L' for a 1-channel model, else 'RGB'
+    (timm's train.py rule, `multilabel.input_img_mode`, on the model's input channels)."""
+    return 'L' if getattr(model, 'in_chans', 3) == 1 else 'RGB'
 
 
 def folder_config(model_name: str) -> Optional[Dict[str, Any]]:

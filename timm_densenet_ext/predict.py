@@ -14,8 +14,8 @@ import torch.nn as nn
 from ._naming import arg
 from .images import UnreadableImage, read_image
 from .loading import load_model
-from .model_io import class_names, folder_config, imagenet_label_config, preprocessing
-from .multilabel import findings, input_img_mode, thresholds_from_config
+from .model_io import class_names, folder_config, image_mode, imagenet_label_config, preprocessing
+from .multilabel import findings, thresholds_from_config
 
 __all__ = ['Prediction', 'imagenet_label_config', 'class_names', 'preprocessing', 'classify', 'classify_multilabel',
            'folder_thresholds', 'predict']
@@ -61,7 +61,7 @@ def _predictions(model: nn.Module, images: Sequence[Union[str, Path]], batch_siz
                  multi_label: bool = False) -> List[Prediction]:
     """Each image file read in the model's mode with its preprocessing, run through `model` in batches of
     `batch_size` readable images, and given the `top` its logits make; an unreadable image gets its `error`."""
-    transform, mode = preprocessing(model), _image_mode(model)
+    transform, mode = preprocessing(model), image_mode(model)
     results: List[Optional[Prediction]] = [None] * len(images)
     batch: List[Tuple[int, torch.Tensor]] = []
 
@@ -84,11 +84,6 @@ def _predictions(model: nn.Module, images: Sequence[Union[str, Path]], batch_siz
     if batch:
         run(batch)
     return results
-
-
-def _image_mode(model: nn.Module) -> str:
-    """The PIL mode the model's images are read in: 'L' for a 1-channel model, else 'RGB'."""
-    return input_img_mode(dict(input_size=(getattr(model, 'in_chans', 3),)))
 
 
 def classify_multilabel(

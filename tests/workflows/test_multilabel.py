@@ -508,6 +508,17 @@ def test_validate_reports_scikit_learn_s_per_label_auroc_and_picks_thresholds(gr
     assert f'wrote {out / "roc.png"}' in printed
 
 
+def test_a_grey_model_s_class_activation_maps(grey_run, tmp_path, capsys):
+    """`predict --cam` reads a 1-channel model's images in grey, as its predictions do, and maps its top label."""
+    images = [grey_run.data / 'val' / f'{i:05d}.png' for i in range(2)]
+    assert main(['predict', '-m', f'local-dir:{grey_run.out}', *map(str, images), '--cam', str(tmp_path / 'cams')]) == 0
+    assert sorted(p.name for p in (tmp_path / 'cams').iterdir()) == sorted(p.name for p in images)
+    wrote = [line for line in capsys.readouterr().out.splitlines() if line.startswith('wrote ')]
+    assert len(wrote) == 2 and all('Grad-CAM of ' in line for line in wrote)
+    with Image.open(tmp_path / 'cams' / images[0].name) as overlay:
+        assert overlay.mode == 'RGB' and overlay.size == (32, 32)
+
+
 def test_write_thresholds_stores_the_picked_ones_where_predict_reads_them(grey_run, tmp_path, capsys):
     """Thresholds picked on other images (one of them unreadable: skipped and counted) replace config.json's, the
     unedited card says the same, and predict then decides with them."""
